@@ -1,0 +1,303 @@
+"""Process groups, ranks, timeouts and every collective localsgd issues.
+
+This is the only module that reads the launcher's environment (torchrun's ``RANK``/``LOCAL_RANK``/
+``WORLD_SIZE``, falling back to Slurm's ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS`` for
+srun-native launches) and the only one that calls ``torch.distributed`` collectives. Isolating them
+here (the torchft process-group-layer pattern) means one place decides the backend (NCCL when CUDA is
+available, else Gloo), one place sets timeouts, so that a mismatched or stuck collective becomes a
+clear error instead of a hang, and one place can be replaced by a fake in tests.
+
+Without a launcher the process runs as world size 1: :func:`init` then creates a one-rank Gloo group
+on an in-memory store, so the same code path (and the same communication accounting) is exercised.
+See ``shared/design/conventions.md`` §2 and ``reliability.md`` §3.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DistEnv",
+    "read_env",
+    "init",
+    "destroy",
+    "is_initialized",
+    "rank",
+    "world_size",
+    "local_rank",
+    "is_main",
+    "print0",
+    "backend",
+    "device",
+    "barrier",
+    "all_reduce_sum_",
+    "all_reduce_max_",
+    "all_reduce_sum_async",
+    "broadcast_",
+    "broadcast_object",
+    "all_gather_object",
+    "set_timeout",
+    "new_subgroups",
+    "CollectiveTimeout",
+]
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within the configured timeout (a rank died, hung or diverged)."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, as the launcher described it."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def read_env() -> DistEnv:
+    """Read rank information from torchrun's variables, else Slurm's, else a single process."""
+    rank = _int_env("RANK")
+    if rank is not None:
+        world = _int_env("WORLD_SIZE")
+        if world is None:
+            raise ValueError("RANK is set but WORLD_SIZE is not: launch with torchrun or set both")
+        local = _int_env("LOCAL_RANK")
+        env = DistEnv(rank, rank if local is None else local, world, "torchrun")
+    elif _int_env("SLURM_PROCID") is not None and (_int_env("SLURM_NTASKS") or 1) > 1:
+        env = DistEnv(
+            _int_env("SLURM_PROCID") or 0,
+            _int_env("SLURM_LOCALID") or 0,
+            _int_env("SLURM_NTASKS") or 1,
+            "slurm",
+        )
+    else:
+        env = DistEnv(0, 0, 1, "single")
+    if not 0 <= env.rank < env.world_size:
+        raise ValueError(f"rank {env.rank} is outside world size {env.world_size}")
+    return env
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else 1
+
+
+_LOCAL_RANK = 0
+
+
+def local_rank() -> int:
+    return _LOCAL_RANK
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def backend() -> str:
+    """The default group's backend name, or "none" when no group exists."""
+    return str(tdist.get_backend()) if is_initialized() else "none"
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its local CUDA device under NCCL, else the CPU."""
+    if is_initialized() and backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _pick_backend(requested: str) -> str:
+    if requested != "auto":
+        if requested == "nccl" and not torch.cuda.is_available():
+            raise ValueError("comm.backend=nccl needs CUDA, which is not available on this machine")
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _set_nccl_env() -> None:
+    # Make a failed NCCL collective tear the process down instead of hanging (conventions.md §2).
+    key = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+    if os.environ.get(key, "3") != "3":
+        log.warning("overriding %s=%s with 3 so a failed collective ends the process", key, os.environ[key])
+    os.environ[key] = "3"
+
+
+def init(backend_name: str = "auto", init_timeout_s: float = 300.0) -> DistEnv:
+    """Create the default process group (idempotent) and pin this rank's CUDA device.
+
+    With no launcher, a one-rank Gloo group on an in-memory store is created, so single-process runs
+    take the same code path as distributed ones.
+    """
+    global _LOCAL_RANK
+    env = read_env()
+    _LOCAL_RANK = env.local_rank
+    if is_initialized():
+        return env
+    chosen = _pick_backend(backend_name)
+    timeout = _dt.timedelta(seconds=init_timeout_s)
+    if chosen == "nccl":
+        _set_nccl_env()
+        torch.cuda.set_device(env.local_rank)
+    if env.launcher == "single":
+        store = tdist.HashStore()
+        tdist.init_process_group(chosen, store=store, rank=0, world_size=1, timeout=timeout)
+    else:
+        if env.launcher == "slurm":
+            os.environ.setdefault("RANK", str(env.rank))
+            os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+            os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+            if "MASTER_ADDR" not in os.environ:
+                raise ValueError(
+                    "srun-native launch needs MASTER_ADDR (and MASTER_PORT): export the first host of "
+                    "the job, as launch/slurm.sbatch does"
+                )
+            os.environ.setdefault("MASTER_PORT", "29500")
+        kwargs: dict[str, Any] = {}
+        if chosen == "nccl":
+            kwargs["device_id"] = torch.device("cuda", env.local_rank)
+        tdist.init_process_group(
+            chosen, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+        )
+    return env
+
+
+def set_timeout(seconds: float, group: Any = None) -> None:
+    """Tighten (or relax) the collective timeout after start-up (torchtitan does the same)."""
+    if not is_initialized():
+        return
+    setter = getattr(tdist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:  # pragma: no cover - very old torch
+        log.warning("this torch cannot change a process group's timeout; keeping the init timeout")
+        return
+    setter(_dt.timedelta(seconds=seconds), group)
+
+
+def destroy() -> None:
+    if is_initialized():
+        tdist.destroy_process_group()
+
+
+def _wait(work: Any, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        raise CollectiveTimeout(
+            f"rank {rank()}: {what} failed or timed out ({exc}); another rank probably died, hung or "
+            "issued a different collective (see comm.train_timeout_s)"
+        ) from exc
+
+
+def barrier(what: str = "barrier") -> None:
+    if world_size() > 1:
+        # A barrier as an all-reduce of one element keeps it under the process group's timeout on
+        # both backends (Gloo's barrier ignores it on some versions).
+        flag = torch.zeros(1, device=device())
+        _wait(tdist.all_reduce(flag, async_op=True), what)
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group: Any = None, what: str = "all-reduce") -> torch.Tensor:
+    """In-place sum over ranks (identity at world size 1)."""
+    if is_initialized() and tdist.get_world_size(group) > 1:
+        _wait(tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, group=group, async_op=True), what)
+    return tensor
+
+
+def all_reduce_sum_async(tensor: torch.Tensor, group: Any = None) -> Any:
+    """Start an in-place sum; returns a handle for :func:`wait`, or ``None`` at world size 1."""
+    if is_initialized() and tdist.get_world_size(group) > 1:
+        return tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, group=group, async_op=True)
+    return None
+
+
+def wait(handle: Any, what: str = "all-reduce") -> None:
+    if handle is not None:
+        _wait(handle, what)
+
+
+def all_reduce_max_(tensor: torch.Tensor, group: Any = None, what: str = "all-reduce(max)") -> torch.Tensor:
+    if is_initialized() and tdist.get_world_size(group) > 1:
+        _wait(tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX, group=group, async_op=True), what)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0, group: Any = None, what: str = "broadcast") -> torch.Tensor:
+    if is_initialized() and tdist.get_world_size(group) > 1:
+        _wait(tdist.broadcast(tensor, src=src, group=group, async_op=True), what)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank (rank 0 decides, everyone agrees)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    try:
+        tdist.broadcast_object_list(box, src=src, device=device() if backend() == "nccl" else None)
+    except RuntimeError as exc:
+        raise CollectiveTimeout(f"rank {rank()}: broadcast_object failed or timed out ({exc})") from exc
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    try:
+        tdist.all_gather_object(out, obj)
+    except RuntimeError as exc:
+        raise CollectiveTimeout(f"rank {rank()}: all_gather_object failed or timed out ({exc})") from exc
+    return out
+
+
+def new_subgroups(groups: Sequence[Sequence[int]]) -> Any:
+    """Create one subgroup per list of ranks (every rank must call this); return this rank's group."""
+    mine = None
+    for ranks in groups:
+        g = tdist.new_group(list(ranks))
+        if rank() in ranks:
+            mine = g
+    return mine
+
+
+def restart_count() -> int:
+    """How many times torchrun restarted this worker group (0 on the first attempt)."""
+    return _int_env("TORCHELASTIC_RESTART_COUNT") or 0
+
+
+def local_world_size() -> int:
+    """Workers on this node (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node, else 1)."""
+    return _int_env("LOCAL_WORLD_SIZE") or _int_env("SLURM_NTASKS_PER_NODE") or 1

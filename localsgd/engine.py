@@ -1,0 +1,452 @@
+"""The averaging engine: ``LocalSGD`` wraps a model and its optimizer in any training loop.
+
+Local SGD (Stich, ICLR 2019, arXiv 1805.09767, Algorithm 1; Lin et al., ICLR 2020, arXiv 1808.07217)
+runs H_r optimizer steps on each worker, then replaces every replica by the average
+x̄ = (1/K) Σ_k x_k. This module implements that average once per round, with:
+
+* **One flat buffer per (device, dtype), bucketed.** Parameters are re-pointed to views of the flat
+  buffer, so averaging needs no copy of the parameters at all (zero extra memory) and one all-reduce
+  per bucket (one per sync for models under ``bucket_cap_mb``). Floating buffers (BatchNorm
+  statistics) ride in the same all-reduce, copied in and out. The layout is re-checked cheaply at
+  every sync, so ``model.to(...)`` after wrapping is detected and the layout rebuilt.
+* **An agreement fingerprint before every average** (``shared/design/reliability.md`` §3): a single
+  MAX all-reduce of ``[v, -v, per-rank non-finite step, per-rank fingerprint hash, stop flag,
+  integer buffers]`` with v = (step, round, element count, config hash, next H). A NaN on any rank or
+  a disagreement raises the same error on every rank *before* anything is averaged, so a non-finite
+  value is never averaged (and so never checkpointed).
+* **Policies** for buffers (``average`` | ``broadcast`` | ``local``), optimizer state (``keep`` |
+  ``average`` | ``reset``) and non-finite values (``raise`` | ``skip_round``).
+* **Exact accounting**: ``stats.bytes`` is the payload this rank submitted to averaging all-reduces
+  (element count × element size, counted also at world size 1 where the collective is an identity);
+  the agreement check is counted apart in ``stats.check_bytes``.
+
+The default optimizer-state policy is ``keep`` (each worker keeps its own momentum or Adam moments),
+matching torch's PostLocalSGDOptimizer, torchft and accelerate, so comparisons are like for like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import dist
+from .errors import NonFiniteError, ScheduleDisagreementError
+from .schedules.base import SyncSchedule
+
+BUFFER_POLICIES = ("average", "broadcast", "local")
+OPTIMIZER_STATE_POLICIES = ("keep", "average", "reset")
+NONFINITE_POLICIES = ("raise", "skip_round")
+_FP_FIELDS = ("step", "round", "elements", "config_hash", "next_H")
+
+
+@dataclass
+class SyncStats:
+    """Communication so far on this rank."""
+
+    rounds: int = 0  # averaging rounds completed
+    bytes: int = 0  # payload bytes this rank submitted to averaging all-reduces
+    seconds: float = 0.0  # wall seconds inside sync (check + average + state policy)
+    check_bytes: int = 0  # payload bytes of the agreement/NaN fingerprint all-reduces
+    skipped_rounds: int = 0  # rounds rolled back under on_nonfinite=skip_round
+    eval_bytes: int = 0  # payload of averages made only to evaluate the averaged model
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, type(getattr(self, k))(v))
+
+
+@dataclass
+class _Group:
+    """Everything averaged for one (device, dtype): parameters as views, then copied buffers."""
+
+    flat: torch.Tensor
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    param_numel: int
+    buckets: list[tuple[int, int]] = field(default_factory=list)
+
+    def buffer_views(self) -> list[torch.Tensor]:
+        out, offset = [], self.param_numel
+        for b in self.buffers:
+            out.append(self.flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
+        return out
+
+
+def _as_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    if isinstance(optimizer, Sequence):
+        return list(optimizer)
+    # A plugin that owns several torch optimizers exposes them as `.optimizers`.
+    inner = getattr(optimizer, "optimizers", None)
+    if inner is not None:
+        return list(inner)
+    raise TypeError(f"optimizer must be a torch Optimizer, a sequence of them, or None; got {type(optimizer)}")
+
+
+class LocalSGD:
+    """Average ``model``'s replicas across ranks on the steps ``schedule`` chooses.
+
+    Call :meth:`step` after every optimizer step; it returns True when that step ended a round and
+    the replicas were averaged. Call :meth:`finalize` after training so all replicas end identical.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any = None,
+        schedule: SyncSchedule | None = None,
+        *,
+        buffers: str = "average",
+        optimizer_state: str = "keep",
+        on_nonfinite: str = "raise",
+        max_skipped_rounds: int = 3,
+        bucket_cap_mb: float = 64.0,
+        extra_tensors: Iterable[torch.Tensor] = (),
+        config_hash: int = 0,
+        process_group: Any = None,
+    ) -> None:
+        if schedule is None:
+            raise ValueError("LocalSGD needs a schedule, e.g. localsgd.schedules.Fixed(8)")
+        for name, value, allowed in (
+            ("buffers", buffers, BUFFER_POLICIES),
+            ("optimizer_state", optimizer_state, OPTIMIZER_STATE_POLICIES),
+            ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"LocalSGD {name}={value!r} is not one of {allowed}")
+        if bucket_cap_mb <= 0:
+            raise ValueError(f"LocalSGD bucket_cap_mb must be > 0, got {bucket_cap_mb}")
+        self.model = model
+        self.optimizers = _as_optimizers(optimizer)
+        self.schedule = schedule
+        self.buffer_policy = buffers
+        self.optimizer_state_policy = optimizer_state
+        self.on_nonfinite = on_nonfinite
+        self.max_skipped_rounds = max_skipped_rounds
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self.extra_tensors = list(extra_tensors)
+        self.config_hash = int(config_hash) & 0x7FFFFFFF
+        self.group = process_group
+        self.stats = SyncStats()
+        self.local_step = 0  # optimizer steps completed on this rank
+        self.last_sync_step = 0
+        self.stop_requested = False  # set locally (e.g. on SIGTERM); all-reduced at the next sync
+        self.stop_agreed = False  # True once any rank asked to stop, known at a sync
+        self._first_nonfinite: torch.Tensor | None = None
+        self._consecutive_skips = 0
+        self._snapshot: dict[str, Any] | None = None
+        self._build_layout()
+        if on_nonfinite == "skip_round":
+            self._take_snapshot()
+
+    # ------------------------------------------------------------------ layout
+    def _averaged_buffers(self) -> list[torch.Tensor]:
+        if self.buffer_policy == "local":
+            return []
+        return [b for b in self.model.buffers() if torch.is_floating_point(b)]
+
+    def _int_buffers(self) -> list[torch.Tensor]:
+        if self.buffer_policy == "local":
+            return []
+        return [b for b in self.model.buffers() if not torch.is_floating_point(b) and b.numel() == 1]
+
+    def _build_layout(self) -> None:
+        params = list(dict.fromkeys([*self.model.parameters(), *self.extra_tensors]))
+        buffers = self._averaged_buffers()
+        keys: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for p in params:
+            keys.setdefault((p.device, p.dtype), ([], []))[0].append(p)
+        for b in buffers:
+            keys.setdefault((b.device, b.dtype), ([], []))[1].append(b)
+        self._groups: list[_Group] = []
+        for (device, dtype), (ps, bs) in keys.items():
+            pn = sum(p.numel() for p in ps)
+            flat = torch.empty(pn + sum(b.numel() for b in bs), device=device, dtype=dtype)
+            offset = 0
+            with torch.no_grad():
+                for p in ps:
+                    view = flat[offset : offset + p.numel()].view_as(p)
+                    view.copy_(p.data)
+                    p.data = view  # the parameter now lives inside the flat buffer
+                    offset += p.numel()
+            group = _Group(flat, ps, bs, pn)
+            per_bucket = max(1, self.bucket_cap_bytes // flat.element_size())
+            group.buckets = [(s, min(s + per_bucket, flat.numel())) for s in range(0, flat.numel(), per_bucket)]
+            self._groups.append(group)
+        self._param_ptrs = [(p, p.data_ptr()) for g in self._groups for p in g.params]
+        self._int_buffer_list = self._int_buffers()
+        self.payload_bytes = sum(g.flat.numel() * g.flat.element_size() for g in self._groups)
+        self.elements = sum(g.flat.numel() for g in self._groups)
+
+    def _check_layout(self) -> None:
+        # Cheap pointer comparison; a model moved or re-materialised after wrapping gets a new layout.
+        params_now = list(dict.fromkeys([*self.model.parameters(), *self.extra_tensors]))
+        same = len(params_now) == len(self._param_ptrs) and all(
+            p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(params_now, self._param_ptrs)
+        )
+        same = same and [b.data_ptr() for b in self._averaged_buffers()] == [
+            b.data_ptr() for g in self._groups for b in g.buffers
+        ]
+        if not same:
+            self._build_layout()
+
+    # ------------------------------------------------------------------ public API
+    def step(self, loss: torch.Tensor | float | None = None) -> bool:
+        """Count one optimizer step; average if it ends a round. Returns True when averaged.
+
+        ``loss`` (optional) lets the engine record the first non-finite step without a host sync.
+        """
+        self.local_step += 1
+        if loss is not None:
+            self._record_loss(loss)
+        if self.schedule.should_sync(self.local_step):
+            self._sync()
+            return True
+        return False
+
+    def finalize(self) -> bool:
+        """Average a partial last round so every replica ends identical. Returns True if it averaged."""
+        if self.local_step == self.last_sync_step and self.stats.rounds > 0:
+            return False
+        self._sync(advance_schedule=False)
+        return True
+
+    @property
+    def in_sync(self) -> bool:
+        """True when no local step was taken since the last average (replicas are identical)."""
+        return self.local_step == self.last_sync_step and (self.stats.rounds > 0 or self.local_step == 0)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Temporarily replace every replica by the average (for evaluation), then restore it.
+
+        Costs one extra all-reduce, counted in ``stats.eval_bytes``, unless replicas are in sync.
+        """
+        if self.in_sync or dist.world_size() == 1:
+            yield
+            return
+        self._check_layout()
+        saved = [g.flat.clone() for g in self._groups]
+        buffer_copies = [[b.clone() for b in g.buffers] for g in self._groups]
+        try:
+            self._average_groups()
+            self.stats.eval_bytes += self.payload_bytes
+            yield
+        finally:
+            with torch.no_grad():
+                for g, s, bs in zip(self._groups, saved, buffer_copies):
+                    g.flat.copy_(s)
+                    for b, c in zip(g.buffers, bs):
+                        b.copy_(c)
+
+    # ------------------------------------------------------------------ the sync
+    def _record_loss(self, loss: torch.Tensor | float) -> None:
+        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        bad = ~torch.isfinite(t).all()
+        step = torch.tensor(self.local_step, device=t.device)
+        if self._first_nonfinite is None or self._first_nonfinite.device != t.device:
+            self._first_nonfinite = torch.tensor(-1, device=t.device)
+        first = self._first_nonfinite
+        self._first_nonfinite = torch.where(bad & (first < 0), step, first)
+
+    def _local_nonfinite_step(self) -> int:
+        first = -1 if self._first_nonfinite is None else int(self._first_nonfinite)
+        if first >= 0:
+            return first
+        for g in self._groups:
+            if g.flat.numel() and not bool(torch.isfinite(g.flat[: g.param_numel]).all()):
+                return self.local_step
+            for b in g.buffers:
+                if not bool(torch.isfinite(b).all()):
+                    return self.local_step
+        return -1
+
+    def _fingerprint(self, nonfinite_step: int, next_h: int) -> tuple[dict[str, tuple[int, int]], dict[int, int], list[int], bool, list[int]]:
+        """One MAX all-reduce that checks agreement, gathers NaN flags and the stop flag."""
+        world, me = dist.world_size(), dist.rank()
+        v = [self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h]
+        n_int = len(self._int_buffer_list)
+        device = self._groups[0].flat.device if self._groups else torch.device("cpu")
+        vec = torch.zeros(2 * len(v) + 2 * world + 1 + n_int, dtype=torch.int64, device=device)
+        vec[: len(v)] = torch.tensor(v)
+        vec[len(v) : 2 * len(v)] = -torch.tensor(v)
+        base = 2 * len(v)
+        vec[base + me] = nonfinite_step + 1  # 0 means finite
+        vec[base + world + me] = zlib.crc32(repr(v).encode()) + 1
+        vec[base + 2 * world] = int(self.stop_requested)
+        if n_int:
+            vec[base + 2 * world + 1 :] = torch.stack([b.reshape(()).to(torch.int64) for b in self._int_buffer_list])
+        dist.all_reduce_max_(vec, group=self.group, what="LocalSGD agreement check")
+        self.stats.check_bytes += vec.numel() * vec.element_size()
+        out = vec.tolist()
+        hi, lo = out[: len(v)], [-x for x in out[len(v) : 2 * len(v)]]
+        disagree = {f: (lo[i], hi[i]) for i, f in enumerate(_FP_FIELDS) if lo[i] != hi[i]}
+        bad = {r: out[base + r] - 1 for r in range(world) if out[base + r] > 0}
+        hashes = out[base + world : base + 2 * world]
+        odd = [r for r in range(world) if hashes[r] != hashes[0]]
+        stop = bool(out[base + 2 * world])
+        ints = out[base + 2 * world + 1 :]
+        return disagree, bad, odd, stop, ints
+
+    def _average_groups(self) -> None:
+        """Sum every bucket across ranks (all started before any is awaited), then scale."""
+        world = dist.world_size() if self.group is None else torch.distributed.get_world_size(self.group)
+        with torch.no_grad():
+            for g in self._groups:
+                for b, view in zip(g.buffers, g.buffer_views()):
+                    view.copy_(b)
+                if self.buffer_policy == "broadcast" and dist.rank() != 0 and g.buffers:
+                    g.flat[g.param_numel :].zero_()  # rank 0's buffers survive the sum unscaled
+            handles = []
+            for g in self._groups:
+                for s, e in g.buckets:
+                    handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=self.group))
+            for h in handles:
+                dist.wait(h, "LocalSGD parameter average")
+            if world > 1:
+                for g in self._groups:
+                    if self.buffer_policy == "broadcast":
+                        g.flat[: g.param_numel].div_(world)
+                    else:
+                        g.flat.div_(world)
+            for g in self._groups:
+                for b, view in zip(g.buffers, g.buffer_views()):
+                    b.copy_(view)
+
+    def _optimizer_state_tensors(self) -> list[torch.Tensor]:
+        out = []
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    for value in opt.state.get(p, {}).values():
+                        # Only per-element state (momentum, moments) is averaged; step counters agree.
+                        if isinstance(value, torch.Tensor) and value.shape == p.shape and value.is_floating_point():
+                            out.append(value)
+        return out
+
+    def _apply_optimizer_state_policy(self) -> None:
+        if self.optimizer_state_policy == "keep" or not self.optimizers:
+            return
+        if self.optimizer_state_policy == "reset":
+            for opt in self.optimizers:
+                opt.state.clear()  # as if freshly created: momentum restarts from the next gradient
+            return
+        tensors = self._optimizer_state_tensors()
+        if not tensors:
+            return
+        world = dist.world_size()
+        by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for t in tensors:
+            by_key.setdefault((t.device, t.dtype), []).append(t)
+        with torch.no_grad():
+            for ts in by_key.values():
+                flat = torch.cat([t.reshape(-1) for t in ts])
+                dist.all_reduce_sum_(flat, group=self.group, what="LocalSGD optimizer-state average")
+                flat.div_(world)
+                self.stats.bytes += flat.numel() * flat.element_size()
+                offset = 0
+                for t in ts:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+    def _sync(self, advance_schedule: bool = True) -> None:
+        start = time.perf_counter()
+        self._check_layout()
+        next_h = self.schedule.fingerprint() if advance_schedule else 0
+        disagree, bad, odd, stop, ints = self._fingerprint(self._local_nonfinite_step(), next_h)
+        if disagree:
+            raise ScheduleDisagreementError(disagree, odd, self.local_step)
+        self.stop_agreed = self.stop_agreed or stop
+        if bad:
+            self._handle_nonfinite(bad)
+            if advance_schedule:
+                self.schedule.advance(self.local_step)
+            self.last_sync_step = self.local_step
+            self.stats.seconds += time.perf_counter() - start
+            return
+        with torch.no_grad():
+            for b, value in zip(self._int_buffer_list, ints):
+                b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
+        self._average_groups()
+        self._apply_optimizer_state_policy()
+        self.stats.rounds += 1
+        self.stats.bytes += self.payload_bytes
+        self.last_sync_step = self.local_step
+        self._consecutive_skips = 0
+        if advance_schedule:
+            self.schedule.advance(self.local_step)
+        if self.on_nonfinite == "skip_round":
+            self._take_snapshot()
+        self.stats.seconds += time.perf_counter() - start
+
+    def _handle_nonfinite(self, bad: dict[int, int]) -> None:
+        if self.on_nonfinite == "raise" or self._snapshot is None:
+            raise NonFiniteError(bad, self.local_step)
+        self._consecutive_skips += 1
+        self.stats.skipped_rounds += 1
+        if self._consecutive_skips > self.max_skipped_rounds:
+            raise NonFiniteError(bad, self.local_step)
+        self._restore_snapshot()
+        self._first_nonfinite = None
+
+    def _take_snapshot(self) -> None:
+        self._snapshot = {
+            "flat": [g.flat.clone() for g in self._groups],
+            "buffers": [[b.clone() for b in g.buffers] for g in self._groups],
+            "optim": [_clone_state(opt.state_dict()) for opt in self.optimizers],
+        }
+
+    def _restore_snapshot(self) -> None:
+        assert self._snapshot is not None
+        with torch.no_grad():
+            for g, flat, bufs in zip(self._groups, self._snapshot["flat"], self._snapshot["buffers"]):
+                g.flat.copy_(flat)
+                for b, c in zip(g.buffers, bufs):
+                    b.copy_(c)
+        for opt, state in zip(self.optimizers, self._snapshot["optim"]):
+            opt.load_state_dict(_clone_state(state))
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "local_step": self.local_step,
+            "last_sync_step": self.last_sync_step,
+            "stats": self.stats.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "consecutive_skips": self._consecutive_skips,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local_step = int(state["local_step"])
+        self.last_sync_step = int(state["last_sync_step"])
+        self.stats.load_state_dict(state["stats"])
+        self.schedule.load_state_dict(state["schedule"])
+        self._consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._first_nonfinite = None
+        self._check_layout()
+        if self.on_nonfinite == "skip_round":
+            self._take_snapshot()
+
+
+def _clone_state(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: _clone_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_clone_state(v) for v in state]
+    return state

@@ -1,0 +1,91 @@
+"""The optimizer-plugin interface of the worker loop.
+
+A plugin owns the torch optimizers of one worker and performs one local training step. Plain SGD and
+AdamW are the first plugins; Self-Tuning Networks (several torch optimizers, alternating training and
+validation batches, hyperparameters averaged with the weights) and learned update rules (per-parameter
+state) fit behind the same interface: ``train_step`` may draw validation batches through the
+:class:`StepContext`, ``averaged_tensors`` adds tensors to what ``LocalSGD`` averages, and
+``optimizers`` exposes every torch optimizer to the optimizer-state policy and to checkpoints.
+
+The learning-rate schedule (linear warm-up, then constant, cosine or step decay) is a pure function
+of the local step, which is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    """What one local step reports (detached; reduced by the trainer only when it logs)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    count: int
+
+
+@dataclass
+class StepContext:
+    """What a plugin may use besides the training batch."""
+
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    next_val_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def lr_at(step: int, base_lr: float, *, warmup_steps: int, decay: str, total_steps: int,
+          milestones: Sequence[float], factor: float) -> float:
+    """Learning rate before optimizer step ``step`` (0-based): warm-up, then constant/cosine/step.
+
+    ``milestones`` are fractions of ``total_steps`` at which step decay multiplies by ``factor``.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if decay == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if decay == "step":
+        passed = sum(1 for m in milestones if step >= int(m * total_steps))
+        return base_lr * factor**passed
+    return base_lr
+
+
+def first_decay_step(decay: str, total_steps: int, milestones: Sequence[float]) -> int | None:
+    """The first step at which the LR schedule decays (post-local SGD switches there)."""
+    if decay == "step" and milestones:
+        return int(min(milestones) * total_steps)
+    return None
+
+
+class OptimizerPlugin(abc.ABC):
+    """One worker's optimizer(s) and local step."""
+
+    optimizers: list[torch.optim.Optimizer]
+
+    @abc.abstractmethod
+    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
+                   ctx: StepContext) -> StepOutput:
+        """Run one local optimizer step at local step ``step`` (0-based) and report its loss."""
+
+    @abc.abstractmethod
+    def lr(self, step: int) -> float:
+        """Learning rate used at local step ``step``."""
+
+    def averaged_tensors(self) -> list[torch.Tensor]:
+        """Extra tensors LocalSGD averages with the parameters (e.g. STN hyperparameters)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)

@@ -1,0 +1,125 @@
+"""Plain SGD (momentum, Nesterov, weight decay; Sutskever et al., ICML 2013) and AdamW
+(Loshchilov & Hutter, ICLR 2019, arXiv 1711.05101) as worker-loop plugins.
+
+Both use torch's own optimizers, one cross-entropy step per call, and the warm-up/decay schedule of
+``optim.base.lr_at``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import OptimizerPlugin, StepContext, StepOutput, lr_at
+
+LR_DECAYS = ("none", "cosine", "step")
+
+
+@dataclass
+class LRScheduleFields:
+    lr: float = 0.1
+    warmup_steps: int = 0
+    lr_decay: str = "none"  # none | cosine | step
+    decay_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    decay_factor: float = 0.1
+
+    def _lr_problems(self) -> Iterator[tuple[str, Any, str]]:
+        if not self.lr > 0:
+            yield "lr", self.lr, "must be > 0"
+        if self.warmup_steps < 0:
+            yield "warmup_steps", self.warmup_steps, "must be >= 0"
+        if self.lr_decay not in LR_DECAYS:
+            yield "lr_decay", self.lr_decay, f"must be one of {LR_DECAYS}"
+        if any(not 0 < m <= 1 for m in self.decay_milestones):
+            yield "decay_milestones", list(self.decay_milestones), "must be fractions of max_steps in (0, 1]"
+        if not 0 < self.decay_factor <= 1:
+            yield "decay_factor", self.decay_factor, "must be in (0, 1]"
+
+
+@dataclass
+class SGDConfig(LRScheduleFields):
+    """``optimizer=sgd``."""
+
+    name: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    dampening: float = 0.0
+
+    def problems(self) -> Iterator[tuple[str, Any, str]]:
+        yield from self._lr_problems()
+        if not 0 <= self.momentum < 1:
+            yield "momentum", self.momentum, "must be in [0, 1)"
+        if self.weight_decay < 0:
+            yield "weight_decay", self.weight_decay, "must be >= 0"
+        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+            yield "nesterov", self.nesterov, "needs momentum > 0 and dampening = 0"
+
+
+@dataclass
+class AdamWConfig(LRScheduleFields):
+    """``optimizer=adamw``."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+    def problems(self) -> Iterator[tuple[str, Any, str]]:
+        yield from self._lr_problems()
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                yield key, getattr(self, key), "must be in [0, 1)"
+        if not self.eps > 0:
+            yield "eps", self.eps, "must be > 0"
+        if self.weight_decay < 0:
+            yield "weight_decay", self.weight_decay, "must be >= 0"
+
+
+class TorchOptimizerPlugin(OptimizerPlugin):
+    """A single torch optimizer driven by the shared LR schedule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: LRScheduleFields, total_steps: int) -> None:
+        self.optimizers = [optimizer]
+        self.cfg = cfg
+        self.total_steps = total_steps
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        return lr_at(step, c.lr, warmup_steps=c.warmup_steps, decay=c.lr_decay, total_steps=self.total_steps,
+                     milestones=c.decay_milestones, factor=c.decay_factor)
+
+    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
+                   ctx: StepContext) -> StepOutput:
+        opt = self.optimizers[0]
+        lr = self.lr(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = batch
+        model.train()
+        logits = model(x)
+        loss = ctx.loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            correct = (logits.argmax(dim=1) == y).sum()
+        return StepOutput(loss.detach(), correct, int(y.shape[0]))
+
+
+def build_sgd(cfg: SGDConfig, params: list[nn.Parameter], total_steps: int) -> OptimizerPlugin:
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay, dampening=cfg.dampening)
+    return TorchOptimizerPlugin(opt, cfg, total_steps)
+
+
+def build_adamw(cfg: AdamWConfig, params: list[nn.Parameter], total_steps: int) -> OptimizerPlugin:
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+    return TorchOptimizerPlugin(opt, cfg, total_steps)

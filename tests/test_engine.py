@@ -1,0 +1,161 @@
+"""LocalSGD in one process: schedule bookkeeping, policies, errors and the world-size-1 anchor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import localsgd
+from localsgd.schedules import Fixed, OneShot
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, sync: localsgd.LocalSGD | None) -> list[bool]:
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(2)
+    flags = []
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=gen)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sync is not None:
+            flags.append(sync.step(loss=loss))
+    if sync is not None:
+        sync.finalize()
+    return flags
+
+
+@pytest.mark.parametrize("H", [1, 3, 7])
+@pytest.mark.parametrize("opt_cls", ["sgd", "adamw"])
+def test_world_size_one_equals_plain_training_bit_for_bit(H: int, opt_cls: str) -> None:
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        if opt_cls == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+        return torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    ref = _model()
+    _train(ref, make(ref), 20, None)
+    ours = _model()
+    opt = make(ours)
+    sync = localsgd.LocalSGD(ours, opt, schedule=Fixed(H))
+    flags = _train(ours, opt, 20, sync)
+    assert [i + 1 for i, f in enumerate(flags) if f] == list(range(H, 21, H))
+    for (name, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert sync.stats.rounds == 20 // H + (1 if 20 % H else 0)
+
+
+def test_fixed_schedule_syncs_after_multiples_of_H_and_resumes() -> None:
+    s = Fixed(4)
+    syncs = []
+    for step in range(1, 14):
+        if s.should_sync(step):
+            syncs.append(step)
+            s.advance(step)
+    assert syncs == [4, 8, 12]
+    copy = Fixed(4)
+    copy.load_state_dict(s.state_dict())
+    assert [t for t in range(14, 30) if copy.should_sync(t) and (copy.advance(t) or True)] == [16, 20, 24, 28]
+    with pytest.raises(ValueError, match="schedule 'fixed'"):
+        OneShot().load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_fixed_rejects_bad_H(bad: float) -> None:
+    with pytest.raises(ValueError, match="H >= 1"):
+        Fixed(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kw", "msg"), [({"buffers": "avg"}, "buffers='avg'"),
+                                         ({"optimizer_state": "zero"}, "optimizer_state='zero'"),
+                                         ({"on_nonfinite": "ignore"}, "on_nonfinite='ignore'"),
+                                         ({"bucket_cap_mb": 0}, "bucket_cap_mb")])
+def test_bad_policies_are_named(kw: dict, msg: str) -> None:
+    m = _model()
+    with pytest.raises(ValueError, match=msg):
+        localsgd.LocalSGD(m, None, schedule=Fixed(2), **kw)
+
+
+def test_schedule_is_required() -> None:
+    with pytest.raises(ValueError, match="needs a schedule"):
+        localsgd.LocalSGD(_model(), None)
+
+
+def test_parameters_live_in_flat_buckets_and_layout_survives_a_move() -> None:
+    m = _model()
+    sync = localsgd.LocalSGD(m, None, schedule=Fixed(1), bucket_cap_mb=200 / 2**20)  # 50 floats/bucket
+    n_params = sum(p.numel() for p in m.parameters())
+    n_buffers = sum(b.numel() for b in m.buffers() if b.is_floating_point())
+    assert sync.elements == n_params + n_buffers
+    assert len(sync._groups[0].buckets) == -(-sync.elements // 50)
+    flat = sync._groups[0].flat
+    for p in m.parameters():
+        assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m.double()  # re-materialises every parameter: the engine must notice and rebuild its layout
+    sync.step()
+    assert sync._groups[0].flat.dtype == torch.float64
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k].to(v.dtype)), k
+
+
+def test_nonfinite_loss_raises_naming_rank_and_step() -> None:
+    m = _model()
+    sync = localsgd.LocalSGD(m, None, schedule=Fixed(3))
+    sync.step(loss=torch.tensor(1.0))
+    sync.step(loss=torch.tensor(float("nan")))
+    with pytest.raises(localsgd.NonFiniteError, match="rank 0 at step 2"):
+        sync.step(loss=torch.tensor(1.0))
+    assert sync.stats.rounds == 0
+
+
+def test_skip_round_restores_last_synced_state() -> None:
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    sync = localsgd.LocalSGD(m, opt, schedule=Fixed(2), on_nonfinite="skip_round", max_skipped_rounds=1)
+    _train(m, opt, 2, None)
+    assert sync.step() is False and sync.step() is True
+    good = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        next(m.parameters()).fill_(float("inf"))
+    sync.step()
+    sync.step()  # the sync finds inf, rolls back
+    assert sync.stats.skipped_rounds == 1 and sync.stats.rounds == 1
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, good[k]), k
+    with torch.no_grad():
+        next(m.parameters()).fill_(float("nan"))
+    sync.step()
+    with pytest.raises(localsgd.NonFiniteError):
+        sync.step()  # a second consecutive skip exceeds max_skipped_rounds=1
+
+
+def test_optimizer_state_reset_clears_momentum() -> None:
+    m = _model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    sync = localsgd.LocalSGD(m, opt, schedule=Fixed(2), optimizer_state="reset")
+    _train(m, opt, 1, None)
+    assert len(opt.state) > 0
+    sync.step()
+    assert len(opt.state) > 0
+    sync.step()
+    assert len(opt.state) == 0
+
+
+def test_engine_state_dict_round_trip() -> None:
+    m = _model()
+    sync = localsgd.LocalSGD(m, None, schedule=Fixed(3))
+    for _ in range(7):
+        sync.step()
+    other = localsgd.LocalSGD(_model(), None, schedule=Fixed(3))
+    other.load_state_dict(sync.state_dict())
+    assert (other.local_step, other.last_sync_step, other.stats.rounds) == (7, 6, 2)
+    assert [other.step() for _ in range(2)] == [False, True]

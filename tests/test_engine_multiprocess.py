@@ -1,0 +1,232 @@
+"""LocalSGD on real Gloo process groups (2 and 4 ranks on localhost, every collective timed out)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+import localsgd
+from localsgd.schedules import Fixed
+
+from .distributed import run_ok, run_ranks
+
+pytestmark = pytest.mark.slow
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def _gather_state(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, {k: v.clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def _identical_after_every_sync(rank: int, world: int, policy: str) -> dict:
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(3), buffers=policy)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+    checks = []
+    for _ in range(10):
+        x, y = torch.randn(8, 5, generator=gen) * (rank + 1), torch.randint(0, 3, (8,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sync.step(loss=loss):
+            checks.append(_gather_state(model))
+    sync.finalize()
+    checks.append(_gather_state(model))
+    report = {"rounds": sync.stats.rounds, "bytes": sync.stats.bytes, "check_bytes": sync.stats.check_bytes,
+              "params_equal": [], "buffers_equal": [], "buffers_rank0": []}
+    for states in checks:
+        ref = states[0]
+        for name in ref:
+            same = all(torch.equal(s[name], ref[name]) for s in states)
+            is_param = name in dict(model.named_parameters())
+            report["params_equal" if is_param else "buffers_equal"].append((name, same))
+    report["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    report["float_buffer_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers()
+                                       if b.is_floating_point())
+    report["num_batches_tracked"] = int(model[1].num_batches_tracked)
+    return report
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parameters_and_buffers_identical_after_every_sync_and_finalize(world: int) -> None:
+    reports = run_ok(_identical_after_every_sync, world, "average", timeout_s=120)
+    r = reports[0]
+    assert r["rounds"] == 4  # syncs after steps 3, 6, 9 and the final partial round
+    assert all(same for _, same in r["params_equal"])
+    assert all(same for _, same in r["buffers_equal"])
+    # Exact accounting: payload = rounds x (parameter bytes + float buffer bytes); the check apart.
+    assert r["bytes"] == r["rounds"] * (r["param_bytes"] + r["float_buffer_bytes"])
+    n_int_buffers = 1
+    assert r["check_bytes"] == r["rounds"] * 8 * (2 * 5 + 2 * world + 1 + n_int_buffers)
+    assert all(rep["num_batches_tracked"] == 10 for rep in reports)
+
+
+def test_buffer_policy_local_leaves_buffers_different() -> None:
+    r = run_ok(_identical_after_every_sync, 2, "local", timeout_s=120)[0]
+    assert all(same for _, same in r["params_equal"])
+    running = [same for name, same in r["buffers_equal"] if "running" in name]
+    assert running and not any(running)
+    assert r["bytes"] == r["rounds"] * r["param_bytes"]
+
+
+def _broadcast_buffers(rank: int, world: int) -> bool:
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(1), buffers="broadcast")
+    with torch.no_grad():
+        model[1].running_mean.fill_(float(rank + 1))
+        for p in model.parameters():
+            p.add_(rank)
+    sync.step()
+    mean_param = _bn_model()[0].weight + sum(range(world)) / world
+    return bool(torch.equal(model[1].running_mean, torch.ones(12))) and torch.allclose(model[0].weight, mean_param)
+
+
+def test_buffer_policy_broadcast_takes_rank0_buffers_and_averages_parameters() -> None:
+    assert all(run_ok(_broadcast_buffers, 2))
+
+
+def _h1_equals_large_batch(rank: int, world: int) -> float:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 10), nn.Tanh(), nn.Linear(10, 4))
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(7, 10), nn.Tanh(), nn.Linear(10, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(1))
+    gen = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for _ in range(15):
+        x, y = torch.randn(6 * world, 7, generator=gen), torch.randint(0, 4, (6 * world,), generator=gen)
+        shard = slice(6 * rank, 6 * (rank + 1))  # equal shards of the same global batch
+        loss = nn.functional.cross_entropy(model(x[shard]), y[shard])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert sync.step()
+        ref_loss = nn.functional.cross_entropy(ref(x), y)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(model.parameters(), ref.parameters())))
+    return worst
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_h1_plain_sgd_equals_single_process_on_concatenated_batch(world: int) -> None:
+    assert max(run_ok(_h1_equals_large_batch, world, timeout_s=120)) < 1e-6
+
+
+def _quadratic(rank: int, world: int, H: int) -> float:
+    """f(x) = ½xᵀAx − bᵀx with additive noise: the averaged iterate is mini-batch SGD exactly."""
+    d, lr, steps = 5, 0.05, 7 * H
+    g = torch.Generator().manual_seed(11)
+    m = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A = m @ m.T / d + torch.eye(d, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    noise = torch.randn(steps, world, d, generator=g, dtype=torch.float64)
+    x = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    holder = nn.Module()
+    holder.x = x
+    opt = torch.optim.SGD([x], lr=lr)
+    sync = localsgd.LocalSGD(holder, opt, schedule=Fixed(H))
+    y = torch.zeros(d, dtype=torch.float64)  # mini-batch SGD with batch = all workers' noise
+    worst = 0.0
+    for t in range(steps):
+        opt.zero_grad()
+        x.grad = A @ x.detach() - b + noise[t, rank]
+        opt.step()
+        y = y - lr * (A @ y - b + noise[t].mean(0))
+        if sync.step():
+            worst = max(worst, float((x.detach() - y).abs().max()))
+    assert sync.stats.rounds == 7
+    return worst
+
+
+@pytest.mark.parametrize("H", [1, 3, 7])
+def test_quadratic_averaged_iterate_equals_minibatch_sgd(H: int) -> None:
+    assert max(run_ok(_quadratic, 2, H)) < 1e-10
+
+
+def _nan_on_one_rank(rank: int, world: int) -> str:
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(4))
+    for step in range(1, 5):
+        if rank == 1 and step == 2:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+        sync.step(loss=torch.tensor(1.0))
+    return "no error"
+
+
+def test_nan_on_one_rank_raises_on_every_rank_before_averaging() -> None:
+    out = run_ranks(_nan_on_one_rank, 2, timeout_s=60)
+    for status, msg in out:
+        assert status == "error"
+        assert "NonFiniteError" in msg and "rank 1 at step 4" in msg
+
+
+def _mismatched_schedules(rank: int, world: int) -> str:
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2 if rank == 0 else 3))
+    for _ in range(6):
+        sync.step()
+    return "no error"
+
+
+def test_mismatched_schedules_raise_on_every_rank_without_hanging() -> None:
+    out = run_ranks(_mismatched_schedules, 2, timeout_s=60)
+    for status, msg in out:
+        assert status == "error"
+        assert "ScheduleDisagreementError" in msg and "ranges over [2, 3]" in msg
+        assert "ranks differing from rank 0: [1]" in msg
+
+
+def _optimizer_state_policy(rank: int, world: int, policy: str) -> list[bool]:
+    model = _bn_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(2), optimizer_state=policy)
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sync.step()
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    out: list = [None] * world
+    tdist.all_gather_object(out, bufs)
+    return [bool(torch.equal(a, b)) for a, b in zip(out[0], out[1])]
+
+
+def test_optimizer_state_average_makes_momentum_identical_and_keep_does_not() -> None:
+    assert all(run_ok(_optimizer_state_policy, 2, "average")[0])
+    assert not any(run_ok(_optimizer_state_policy, 2, "keep")[0])
+
+
+def _averaged_context(rank: int, world: int) -> bool:
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(100))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(float(rank))
+    sync.step()
+    local = {k: v.clone() for k, v in model.state_dict().items()}
+    with sync.averaged():
+        averaged = {k: v.clone() for k, v in model.state_dict().items()}
+    restored = all(torch.equal(v, local[k]) for k, v in model.state_dict().items())
+    expected = _bn_model()[0].weight + 0.5
+    return restored and torch.allclose(averaged["0.weight"], expected) and sync.stats.eval_bytes > 0
+    
+
+def test_averaged_context_evaluates_the_average_and_restores_local_replicas() -> None:
+    assert all(run_ok(_averaged_context, 2))
