@@ -189,8 +189,13 @@ def init(backend_name: str = "auto", init_timeout_s: float = 300.0) -> DistEnv:
         kwargs: dict[str, Any] = {}
         if chosen == "nccl":
             kwargs["device_id"] = torch.device("cuda", env.local_rank)
+        # torchrun keeps one TCPStore across worker-group restarts, so a restarted group would read
+        # the dead workers' addresses (observed with Gloo: "connectFullMesh failed ... Connection
+        # refused"). A per-attempt key prefix gives every attempt a clean namespace.
+        base_store, _, _ = next(tdist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+        store = tdist.PrefixStore(f"localsgd/attempt-{restart_count()}", base_store)
         tdist.init_process_group(
-            chosen, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+            chosen, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
         )
     return env
 

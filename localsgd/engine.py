@@ -146,7 +146,8 @@ class LocalSGD:
         self.last_sync_step = 0
         self.stop_requested = False  # set locally (e.g. on SIGTERM); all-reduced at the next sync
         self.stop_agreed = False  # True once any rank asked to stop, known at a sync
-        self._first_nonfinite: torch.Tensor | None = None
+        self._first_nonfinite = -1  # first local step whose loss was non-finite on this rank
+        self._losses: list[tuple[int, Any]] = []
         self._consecutive_skips = 0
         self._snapshot: dict[str, Any] | None = None
         self._build_layout()
@@ -255,18 +256,25 @@ class LocalSGD:
 
     # ------------------------------------------------------------------ the sync
     def _record_loss(self, loss: torch.Tensor | float) -> None:
-        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        bad = ~torch.isfinite(t).all()
-        step = torch.tensor(self.local_step, device=t.device)
-        if self._first_nonfinite is None or self._first_nonfinite.device != t.device:
-            self._first_nonfinite = torch.tensor(-1, device=t.device)
-        first = self._first_nonfinite
-        self._first_nonfinite = torch.where(bad & (first < 0), step, first)
+        # Keep the step's loss tensor (no kernel launched, no host sync); checked at the sync.
+        self._losses.append((self.local_step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        if len(self._losses) >= 1024:  # a long round (or one_shot): fold into the first-bad record
+            self._fold_losses()
+
+    def _fold_losses(self) -> None:
+        if self._first_nonfinite < 0 and self._losses:
+            first = self._losses[0][1]
+            dev = first.device if isinstance(first, torch.Tensor) else None
+            values = torch.stack([torch.as_tensor(v, device=dev).reshape(()).float() for _, v in self._losses])
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                self._first_nonfinite = self._losses[int(bad[0])][0]
+        self._losses.clear()
 
     def _local_nonfinite_step(self) -> int:
-        first = -1 if self._first_nonfinite is None else int(self._first_nonfinite)
-        if first >= 0:
-            return first
+        self._fold_losses()
+        if self._first_nonfinite >= 0:
+            return self._first_nonfinite
         for g in self._groups:
             if g.flat.numel() and not bool(torch.isfinite(g.flat[: g.param_numel]).all()):
                 return self.local_step
@@ -401,7 +409,7 @@ class LocalSGD:
         if self._consecutive_skips > self.max_skipped_rounds:
             raise NonFiniteError(bad, self.local_step)
         self._restore_snapshot()
-        self._first_nonfinite = None
+        self._first_nonfinite = -1
 
     def _take_snapshot(self) -> None:
         self._snapshot = {
@@ -436,7 +444,8 @@ class LocalSGD:
         self.stats.load_state_dict(state["stats"])
         self.schedule.load_state_dict(state["schedule"])
         self._consecutive_skips = int(state.get("consecutive_skips", 0))
-        self._first_nonfinite = None
+        self._first_nonfinite = -1
+        self._losses.clear()
         self._check_layout()
         if self.on_nonfinite == "skip_round":
             self._take_snapshot()

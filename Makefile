@@ -1,0 +1,38 @@
+# Two commands: `make run` (the main job) and `make test` (the whole suite). Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.localsgd-installed
+# On a machine without CUDA we install the CPU build of torch first, so pip never pulls the
+# multi-GB CUDA wheels; GPU machines get the normal wheel through the package's torch>=2.4.
+TORCH_CPU ?= torch==2.13.0
+NPROC ?= 2
+ARGS ?=
+
+.PHONY: setup run test lint bench-quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_CPU)"; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m localsgd.train $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check localsgd tests benchmarks
+
+bench-quick: setup
+	$(PY) benchmarks/averaging.py --quick
+	$(PY) benchmarks/overhead.py --quick
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,120 @@
+"""Run outputs on rank 0: ``metrics.jsonl``, ``summary.json``, wandb, progress bar and summary table.
+
+Only rank 0 writes (``conventions.md`` §6–7); other ranks get null objects with the same methods.
+On resume, records past the checkpoint's step are dropped from ``metrics.jsonl`` so every step
+appears exactly once in a run that was killed and restarted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import dist
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of events (one object per line, each with an ``event`` field)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop step-stamped records after ``step`` (left by a run that died after its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the crash
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class Tracker:
+    """wandb from rank 0 (``logging.wandb=disabled|offline|online``); a no-op elsewhere."""
+
+    def __init__(self, mode: str, run_dir: Path, config: dict[str, Any], project: str,
+                 entity: str | None, group: str | None, name: str | None, run_id: str | None) -> None:
+        self.run = None
+        if mode == "disabled" or not dist.is_main():
+            return
+        import wandb
+
+        self.run = wandb.init(mode=mode, project=project, entity=entity, group=group, name=name,
+                              dir=str(run_dir), config=config, id=run_id, resume="allow" if run_id else None,
+                              job_type="train")
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
+
+    def log(self, data: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(data, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class Progress:
+    """A rank-0 tqdm bar showing loss, accuracy and communication so far."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and dist.is_main() and os.environ.get("TQDM_DISABLE") != "1":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="local SGD", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=0.5)
+
+    def update(self, n: int, **postfix: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    rows = [
+        ("final eval accuracy", f"{summary['final_eval_accuracy']:.4f}"),
+        ("final eval loss", f"{summary['final_eval_loss']:.4f}"),
+        ("local steps / worker", f"{summary['steps']}"),
+        ("samples (all workers)", f"{summary['samples']}"),
+        ("world size / backend", f"{summary['world_size']} / {summary['backend']}"),
+        ("schedule", summary["schedule"]),
+        ("communication rounds", f"{summary['comm_rounds']}"),
+        ("communication payload", human_bytes(summary["comm_bytes"])),
+        ("time in communication", f"{summary['comm_seconds']:.2f} s"),
+        ("wall time", f"{summary['wall_seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * 22 + "+"
+    body = [f"| {k:<{width}} | {v:>20} |" for k, v in rows]
+    return "\n".join([line, *body, line])

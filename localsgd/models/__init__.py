@@ -1,0 +1,40 @@
+"""Models, registered by the name used in ``configs/model/<name>.yaml``.
+
+* ``logreg``: multinomial logistic regression (one Linear layer).
+* ``mlp``: a ReLU multilayer perceptron.
+* ``cnn1d``: a small 1-D CNN for MNIST-1D (Greydanus & Kobak, ICML 2024, arXiv 2011.14439).
+* ``resnet20``: ResNet-20 for CIFAR (He et al., CVPR 2016, arXiv 1512.03385, Section 4.2).
+
+``build(cfg, input_shape, num_classes)`` builds one from its typed config (or an OmegaConf node with
+the same fields); the caller seeds torch first, which makes the initialisation deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .base import MODELS
+from .cnn1d import CNN1D, CNN1DConfig
+from .logreg import LogReg, LogRegConfig
+from .mlp import MLP, MLPConfig
+from .resnet20 import ResNet20, ResNet20Config
+
+__all__ = [
+    "MODELS",
+    "build",
+    "LogReg",
+    "LogRegConfig",
+    "MLP",
+    "MLPConfig",
+    "CNN1D",
+    "CNN1DConfig",
+    "ResNet20",
+    "ResNet20Config",
+]
+
+
+def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model named by ``cfg.name`` for inputs ``(B, *input_shape)`` and ``num_classes`` logits."""
+    return MODELS.build(cfg, input_shape, num_classes)

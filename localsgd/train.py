@@ -1,0 +1,77 @@
+"""Entry point: ``torchrun --nproc_per_node=K -m localsgd.train [hydra overrides]``.
+
+Thin on purpose (torchtitan's ``train.py`` layout): compose and validate the config *before* any
+process group exists, start the group, check that every rank composed the same config, run the
+worker loop of :mod:`localsgd.trainer`, and always tear the group down. Non-zero ranks tell Hydra
+not to write its own ``.hydra/`` and logs, so a run has exactly one output directory, named the same
+on every rank (``conventions.md`` §5.4).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from . import dist
+from .config import check_config, config_hash, flat_items, register_configs
+from .errors import ConfigError
+
+
+def config_dir() -> str:
+    """``configs/`` of the source tree (editable installs, Docker), or ``$LOCALSGD_CONFIG_DIR``."""
+    return os.environ.get("LOCALSGD_CONFIG_DIR") or str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def check_ranks_agree(items: dict[str, object], digest: str) -> None:
+    """All ranks must train the same config; name the keys that differ if they do not."""
+    digests = dist.all_gather_object(digest)
+    if len(set(digests)) == 1:
+        return
+    everyone = dist.all_gather_object(items)
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    keys = sorted(k for r in odd for k in set(everyone[0]) | set(everyone[r])
+                  if everyone[0].get(k) != everyone[r].get(k))
+    detail = "; ".join(f"{k}: rank 0 has {everyone[0].get(k)!r}, rank {r} has {everyone[r].get(k)!r}"
+                       for r in odd for k in dict.fromkeys(keys))
+    raise ConfigError(f"ranks composed different configs ({detail}); launch every rank with the same overrides")
+
+
+def task(cfg: DictConfig) -> float:
+    from .trainer import run_training
+
+    try:
+        typed = check_config(cfg)
+    except ConfigError as exc:
+        print(f"localsgd: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    items = flat_items(typed)
+    digest = config_hash(items)
+    dist.init(typed.comm.backend, typed.comm.init_timeout_s)
+    try:
+        if typed.sync.check_config_agreement:
+            check_ranks_agree(items, digest)
+        summary = run_training(typed, run_dir, items, digest)
+        # Leave together: a rank tearing Gloo down while a peer still uses it can abort the peer.
+        dist.barrier("shutdown")
+    finally:
+        dist.destroy()
+    return float(summary["final_eval_accuracy"])
+
+
+@record
+def main() -> None:
+    register_configs()
+    if dist.read_env().rank > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(task)()
+
+
+if __name__ == "__main__":
+    main()

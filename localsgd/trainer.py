@@ -1,0 +1,349 @@
+"""The local-SGD worker loop: H local steps, then one average; evaluate, log, checkpoint, repeat.
+
+Each worker (one process per rank under torchrun) draws its own disjoint shard, runs the optimizer
+plugin's local step, and hands the step to :class:`~localsgd.engine.LocalSGD`, which averages when
+the schedule says so (Stich, ICLR 2019, arXiv 1805.09767, Algorithm 1). ``schedule=ddp`` runs the
+same loop with PyTorch's DistributedDataParallel (gradient all-reduce every step) as the baseline.
+
+Reproducibility contract (``reliability.md`` F8, T10, T11): identical initial weights on every rank
+(seeded identically, then broadcast from rank 0), a per-rank RNG stream for dropout and
+augmentation, shards that reshuffle each epoch, and checkpoints that restore every RNG and the data
+cursor, so a killed-and-resumed run ends bit-for-bit equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as data_lib
+from . import dist
+from . import models as model_lib
+from . import optim as optim_lib
+from . import schedules as schedule_lib
+from .checkpoint import Checkpointer
+from .config import TrainConfig
+from .engine import LocalSGD, SyncStats
+from .errors import CheckpointError
+from .metrics import MetricsLog, Progress, Tracker, human_bytes, summary_table
+from .sampler import ShardSampler
+from .testing.faults import FaultInjector
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after committing a checkpoint; rerun to resume
+
+
+def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], config_digest: str) -> dict[str, Any]:
+    """Train on this rank; every rank calls this after ``dist.init()``. Returns the summary."""
+    t_start = time.perf_counter()
+    rank, world = dist.rank(), dist.world_size()
+    device = dist.device()
+    tc = cfg.trainer
+    torch.set_num_threads(tc.threads or max(1, (os.cpu_count() or 1) // dist.local_world_size()))
+
+    # ---- data, model, optimizer: same seed everywhere so every rank builds the same replica
+    seed_everything(tc.seed)
+    dataset = data_lib.build(cfg.data)
+    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
+    model = model_lib.build(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
+    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size))
+    plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
+    step_model: nn.Module = model
+    ddp_comm = None
+    if schedule is None:  # the DDP baseline
+        step_model, ddp_comm = wrap_ddp(model, cfg.schedule.bucket_cap_mb)
+        sync = None
+    else:
+        sync = LocalSGD(model, plugin.optimizers, schedule, buffers=cfg.sync.buffers,
+                        optimizer_state=cfg.sync.optimizer_state, on_nonfinite=cfg.sync.on_nonfinite,
+                        max_skipped_rounds=cfg.sync.max_skipped_rounds, bucket_cap_mb=cfg.sync.bucket_cap_mb,
+                        extra_tensors=plugin.averaged_tensors(), config_hash=int(config_digest[:8], 16))
+    sampler = ShardSampler(len(y_train), rank, world, tc.seed)
+    # Different dropout/augmentation noise per rank, deterministic for the seed.
+    seed_everything(tc.seed + 7919 * (rank + 1))
+    ctx = optim_lib.StepContext(loss_fn=F.cross_entropy)
+    dist.set_timeout(cfg.comm.train_timeout_s)
+
+    # ---- outputs and resume
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
+    ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_latest_k,
+                        cfg.checkpoint.fallback)
+    start_step, wall_before, wandb_id = 0, 0.0, None
+    if cfg.checkpoint.resume:
+        found = ckpt.find_latest()
+        if found is not None:
+            check_resumable(found.manifest, world, config_items)
+            model_state, rank_state = ckpt.load(found)
+            restore(model, plugin, sync, sampler, model_state, rank_state, ddp_comm)
+            start_step, wall_before = found.step, float(found.manifest.get("wall_seconds", 0.0))
+            wandb_id = found.manifest.get("wandb_id")
+            metrics.truncate_after(start_step)
+    tracker = Tracker(cfg.logging.wandb, run_dir, config_items, cfg.logging.project, cfg.logging.entity,
+                      cfg.logging.group, cfg.logging.name, wandb_id)
+    metrics.write({"event": "start", "step": start_step, "world_size": world, "backend": dist.backend(),
+                   "restart_count": dist.restart_count(), "resumed": start_step > 0})
+    faults = FaultInjector()
+    install_preemption_handler(sync)
+
+    def stats() -> SyncStats:
+        return sync.stats if sync is not None else ddp_comm.stats  # type: ignore[union-attr]
+
+    def save(step: int) -> None:
+        if not cfg.checkpoint.enable:
+            return
+        meta = {"config": config_items, "config_sha256": config_digest, "wandb_id": tracker.run_id,
+                "restart_count": dist.restart_count(), "torch": torch.__version__,
+                "wall_seconds": wall_before + time.perf_counter() - t_start, "schedule": describe(sync)}
+        ckpt.save(step, model.state_dict() if dist.is_main() else {},
+                  rank_checkpoint(step, model, plugin, sync, sampler, ddp_comm, cfg.sync.buffers == "local"),
+                  meta, fault_hook=lambda: faults.during_save(step))
+
+    # ---- the loop: local steps, with the engine averaging when the schedule says so
+    progress = Progress(tc.max_steps, start_step, tc.progress)
+    window: list[optim_lib.StepOutput] = []  # reduced only when logged: no per-step host sync
+    for step in range(start_step, tc.max_steps):
+        idx = sampler.next_indices(tc.batch_size)
+        out = plugin.train_step(step_model, (x_train[idx], y_train[idx]), step, ctx)
+        faults.after_step(step + 1, model)
+        if sync is not None:
+            synced = sync.step(loss=out.loss)
+        else:
+            synced = ddp_comm.step()  # type: ignore[union-attr]
+        window.append(out)
+        done = step + 1
+        if synced and stats().rounds % cfg.checkpoint.every_rounds == 0:
+            save(done)
+        if sync is not None and sync.stop_agreed:
+            save(done)
+            metrics.write({"event": "preempted", "step": done})
+            raise SystemExit(REQUEUE_EXIT_CODE)
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
+                      "accuracy": int(torch.stack([o.correct for o in window]).sum()) / sum(o.count for o in window),
+                      "lr": plugin.lr(step),
+                      "samples": sampler.samples_seen * world, **comm_record(stats())}
+            metrics.write(record)
+            tracker.log({k: v for k, v in record.items() if k != "event"}, step=done)
+            progress.update(len(window), loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                            rounds=str(record["comm_rounds"]), comm=human_bytes(record["comm_bytes"]))
+            window.clear()
+        if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
+            ev = evaluate_averaged(model, sync, dataset, tc.eval_batch_size, device)
+            metrics.write({"event": "eval", "step": done, **ev})
+            tracker.log(ev, step=done)
+
+    # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
+    if sync is not None:
+        sync.finalize()
+    final_step = max(start_step, tc.max_steps)
+    ev = evaluate_averaged(model, sync, dataset, tc.eval_batch_size, device)
+    if cfg.checkpoint.enable and start_step < tc.max_steps:
+        save(final_step)
+    progress.close()
+    s = stats()
+    summary = {
+        "final_eval_loss": ev["eval_loss"], "final_eval_accuracy": ev["eval_accuracy"],
+        "steps": final_step, "samples": sampler.samples_seen * world,
+        "comm_rounds": s.rounds, "comm_bytes": s.bytes, "comm_seconds": s.seconds,
+        "comm_check_bytes": s.check_bytes, "comm_skipped_rounds": s.skipped_rounds,
+        "wall_seconds": wall_before + time.perf_counter() - t_start,
+        "world_size": world, "backend": dist.backend(), "schedule": describe(sync),
+        "optimizer": cfg.optimizer.name, "data": cfg.data.name, "model": cfg.model.name,
+        "restart_count": dist.restart_count(), "run_dir": str(run_dir),
+    }
+    metrics.write({"event": "final", "step": final_step, **summary})
+    tracker.log({f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float)}, step=final_step)
+    tracker.finish()
+    if dist.is_main():
+        write_json_atomic(run_dir / "summary.json", summary)
+        print(f"\nrun directory: {run_dir}\n{summary_table(summary)}", flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------- helpers of the loop
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def describe(sync: LocalSGD | None) -> str:
+    return "ddp" if sync is None else sync.schedule.describe()
+
+
+def comm_record(s: SyncStats) -> dict[str, Any]:
+    return {"comm_rounds": s.rounds, "comm_bytes": s.bytes, "comm_seconds": round(s.seconds, 6)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Loss and accuracy on this rank's slice of the test set, summed over ranks."""
+    rank, world = dist.rank(), dist.world_size()
+    xs, ys = x[rank::world], y[rank::world]
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
+    for i in range(0, len(ys), batch_size):
+        logits = model(xs[i : i + batch_size])
+        target = ys[i : i + batch_size]
+        totals[0] += F.cross_entropy(logits, target, reduction="sum").double()
+        totals[1] += (logits.argmax(dim=1) == target).sum().double()
+        totals[2] += len(target)
+    model.train(was_training)
+    dist.all_reduce_sum_(totals, what="evaluation totals")
+    loss_sum, correct, count = totals.tolist()
+    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+
+
+def evaluate_averaged(model: nn.Module, sync: LocalSGD | None, dataset: Any, batch_size: int,
+                      device: torch.device) -> dict[str, float]:
+    x, y = dataset.x_test.to(device), dataset.y_test.to(device)
+    if sync is None:
+        return evaluate(model, x, y, batch_size)
+    with sync.averaged():
+        return evaluate(model, x, y, batch_size)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tupled(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def rank_checkpoint(step: int, model: nn.Module, plugin: optim_lib.OptimizerPlugin, sync: LocalSGD | None,
+                    sampler: ShardSampler, ddp_comm: Any, local_buffers: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {"step": step, "optimizer": plugin.state_dict(), "sampler": sampler.state_dict(),
+                             "rng": rng_state()}
+    state["engine"] = sync.state_dict() if sync is not None else ddp_comm.state_dict()
+    if local_buffers:
+        state["buffers"] = {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
+    return state
+
+
+def restore(model: nn.Module, plugin: optim_lib.OptimizerPlugin, sync: LocalSGD | None, sampler: ShardSampler,
+            model_state: dict[str, Any], rank_state: dict[str, Any], ddp_comm: Any) -> None:
+    model.load_state_dict(model_state)  # copies into the engine's flat views in place
+    if "buffers" in rank_state:
+        model.load_state_dict({**model.state_dict(), **rank_state["buffers"]})
+    plugin.load_state_dict(rank_state["optimizer"])
+    (sync if sync is not None else ddp_comm).load_state_dict(rank_state["engine"])
+    sampler.load_state_dict(rank_state["sampler"])
+    set_rng_state(rank_state["rng"])
+
+
+def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str, Any]) -> None:
+    """Refuse a silent mis-resume: world size and config must match the checkpoint's."""
+    if int(manifest["world_size"]) != world:
+        raise CheckpointError(
+            f"checkpoint step-{manifest['step']} was written by {manifest['world_size']} ranks, this run has "
+            f"{world}; resuming would re-shard the data differently. Use the same world size or a new run dir."
+        )
+    saved = manifest.get("config", {})
+    ignore = ("checkpoint.resume", "checkpoint.fallback", "trainer.progress", "logging.")
+    keys = sorted(k for k in set(saved) | set(config_items)
+                  if saved.get(k) != config_items.get(k) and not k.startswith(ignore))
+    if keys:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {config_items.get(k)!r}" for k in keys)
+        raise CheckpointError(
+            f"checkpoint step-{manifest['step']} was made with a different config ({diff}); use a new run "
+            "directory, or checkpoint.resume=false to start over in this one"
+        )
+
+
+def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def install_preemption_handler(sync: LocalSGD | None) -> None:
+    """SIGTERM/SIGUSR1 ask to stop; all ranks agree at the next sync, checkpoint and exit 75."""
+    if sync is None:
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        sync.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            pass
+    return None
+
+
+# ---------------------------------------------------------------------- the DDP baseline
+@dataclass
+class DDPComm:
+    """Communication accounting for DistributedDataParallel, via a counting comm hook."""
+
+    stats: SyncStats
+    local_step: int = 0
+
+    def step(self) -> bool:
+        self.local_step += 1
+        self.stats.rounds += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"local_step": self.local_step, "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local_step = int(state["local_step"])
+        self.stats.load_state_dict(state["stats"])
+
+
+def wrap_ddp(model: nn.Module, bucket_cap_mb: float) -> tuple[nn.Module, DDPComm]:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    comm = DDPComm(SyncStats())
+    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
+    world = dist.world_size()
+
+    # DDP inspects the hook's annotations; leave them off (they would be strings here).
+    def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+        tensor = bucket.buffer()
+        state.stats.bytes += tensor.numel() * tensor.element_size()
+        begin = time.perf_counter()
+        work = torch.distributed.all_reduce(tensor, async_op=True)
+
+        def finish(fut):  # type: ignore[no-untyped-def]
+            state.stats.seconds += time.perf_counter() - begin
+            return fut.value()[0].div_(world)
+
+        return work.get_future().then(finish)
+
+    ddp.register_comm_hook(comm, counting_allreduce)
+    return ddp, comm

@@ -1,0 +1,205 @@
+"""The trainer end to end: real torchrun launches, outputs, resume after a kill, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from .launch_helpers import TINY, output, records, single, torchrun
+
+pytestmark = pytest.mark.slow
+
+SUMMARY_KEYS = {"final_eval_loss", "final_eval_accuracy", "steps", "samples", "comm_rounds", "comm_bytes",
+                "comm_seconds", "wall_seconds", "world_size", "backend", "schedule"}
+
+
+def test_two_rank_run_writes_one_run_dir_with_metrics_and_summary(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = torchrun(tmp_path, run_dir, [*TINY, "schedule.H=4"])
+    assert proc.returncode == 0, output(proc)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo" and summary["schedule"] == "fixed(H=4)"
+    assert summary["steps"] == 40 and summary["samples"] == 40 * 16 * 2
+    assert summary["comm_rounds"] == 10
+    n_params = sum(t.numel() for t in torch.load(run_dir / "checkpoints/step-40/model.pt").values())
+    assert summary["comm_bytes"] == 10 * 4 * n_params  # MLP: no buffers
+    assert summary["final_eval_accuracy"] > 0.5
+    # One output directory for the whole run: a single .hydra/, nothing per rank.
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "cache"] == ["run"]
+    assert (run_dir / ".hydra").is_dir()
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == [10, 20, 30, 40]
+    assert [r["step"] for r in records(run_dir, "eval")] == [20]
+    assert "run directory:" in proc.stdout and "communication rounds" in proc.stdout
+
+
+def test_single_process_runs_without_torchrun(tmp_path: Path) -> None:
+    proc = single(tmp_path, tmp_path / "run", [*TINY, "checkpoint=off"])
+    assert proc.returncode == 0, output(proc)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["comm_rounds"] == 5
+
+
+def test_ddp_baseline_runs_through_the_same_loop(tmp_path: Path) -> None:
+    proc = torchrun(tmp_path, tmp_path / "run", [*TINY, "schedule=ddp", "checkpoint=off"])
+    assert proc.returncode == 0, output(proc)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["schedule"] == "ddp" and s["comm_rounds"] == 40
+    n_params = 64 * 32 + 32 + 32 * 10 + 10
+    assert s["comm_bytes"] == 40 * 4 * n_params  # one gradient all-reduce of every parameter per step
+
+
+def _final_model(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / f"checkpoints/step-{step}/model.pt")
+
+
+KILL_RUN = [*TINY, "schedule.H=2", "checkpoint.every_rounds=1", "checkpoint.keep_latest_k=3",
+            "trainer.max_steps=16", "trainer.log_every=1", "model.dropout=0.2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    ref = torchrun(tmp, tmp / "ref", KILL_RUN)
+    assert ref.returncode == 0, output(ref)
+    return _final_model(tmp / "ref", 16)
+
+
+@pytest.mark.parametrize("fault", ["kill:rank=1,step=7", "kill:rank=0,step=8", "kill_during_save:rank=0,step=10"])
+def test_killed_rank_resumes_and_matches_uninterrupted_run_bit_for_bit(
+        tmp_path: Path, fault: str, uninterrupted: dict[str, torch.Tensor]) -> None:
+    hit = torchrun(tmp_path, tmp_path / "hit", KILL_RUN, max_restarts=1, LOCALSGD_FAULT=fault)
+    assert hit.returncode == 0, output(hit)
+    starts = records(tmp_path / "hit", "start")
+    assert [s["restart_count"] for s in starts] == [0, 1] and starts[1]["resumed"]
+    assert [r["step"] for r in records(tmp_path / "hit", "train")] == list(range(1, 17))  # none lost or repeated
+    a, b = uninterrupted, _final_model(tmp_path / "hit", 16)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not list((tmp_path / "hit" / "checkpoints").glob("*.tmp"))
+
+
+def test_corrupt_checkpoint_is_named_and_fallback_resumes_from_previous(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "schedule.H=5", "checkpoint.every_rounds=2", "checkpoint.keep_latest_k=3"]
+    proc = torchrun(tmp_path, run, args)
+    assert proc.returncode == 0, output(proc)
+    ckpts = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert ckpts == [20, 30, 40]
+    shard = run / "checkpoints/step-40/rank1.pt"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    strict = torchrun(tmp_path, run, [*args, "checkpoint.fallback=false"])
+    assert strict.returncode != 0
+    assert "step-40/rank1.pt: sha256 mismatch" in strict.stderr + strict.stdout
+    assert "checkpoint.fallback=true" in strict.stderr + strict.stdout
+    loose = torchrun(tmp_path, run, args)
+    assert loose.returncode == 0, output(loose)
+    assert "rank1.pt: sha256 mismatch" in loose.stderr + loose.stdout
+    starts = records(run, "start")
+    assert starts[-1]["step"] == 30 and starts[-1]["resumed"]
+
+
+@pytest.mark.parametrize("damage", ["truncate_manifest", "delete_rank_file"])
+def test_damaged_checkpoint_without_fallback_exits_before_training(tmp_path: Path, damage: str) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "schedule.H=5", "checkpoint.every_rounds=4"]
+    assert torchrun(tmp_path, run, args).returncode == 0
+    step = run / "checkpoints/step-40"
+    if damage == "truncate_manifest":
+        text = (step / "manifest.json").read_text()
+        (step / "manifest.json").write_text(text[: len(text) // 2])
+        expect = "manifest.json: unreadable manifest"
+    else:
+        (step / "rank0.pt").unlink()
+        expect = "rank0.pt: missing"
+    n_train = len(records(run, "train"))
+    proc = torchrun(tmp_path, run, [*args, "checkpoint.fallback=false"])
+    assert proc.returncode != 0
+    assert expect in proc.stderr + proc.stdout
+    assert len(records(run, "train")) == n_train  # no training step was taken
+
+
+def test_nan_on_one_rank_stops_every_rank_and_writes_no_checkpoint_after(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = torchrun(tmp_path, run, [*TINY, "schedule.H=4", "checkpoint.every_rounds=1"],
+                    LOCALSGD_FAULT="nan:rank=0,step=5")
+    assert proc.returncode != 0
+    text = proc.stderr + proc.stdout
+    # Parameters turn NaN after step 5, so the first non-finite loss is step 6's; caught at the sync after 8.
+    assert "NonFiniteError" in text and "rank 0 at step 6" in text and "sync after step 8" in text
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert steps == [4]
+
+
+def test_ranks_with_different_configs_abort_naming_the_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .distributed import free_port
+    from .launch_helpers import env_for
+
+    port = str(free_port())
+    procs = []
+    for rank, h in ((0, 2), (1, 3)):
+        env = env_for(tmp_path, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "localsgd.train", f"hydra.run.dir={tmp_path / 'run'}",
+                                       *TINY, f"schedule.H={h}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0
+        assert "schedule.H: rank 0 has 2, rank 1 has 3" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["offline", "disabled"])
+def test_wandb_offline_writes_one_run_under_rank0_dir_and_disabled_writes_none(tmp_path: Path, mode: str) -> None:
+    run = tmp_path / "run"
+    proc = torchrun(tmp_path, run, [*TINY, f"logging.wandb={mode}", "checkpoint=off"], WANDB_MODE=mode)
+    assert proc.returncode == 0, output(proc)
+    wandb_dirs = list(tmp_path.rglob("wandb"))
+    if mode == "offline":
+        assert wandb_dirs == [run / "wandb"]
+        assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    else:
+        assert wandb_dirs == []
+
+
+def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .launch_helpers import env_for
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "localsgd.train", f"hydra.run.dir={run}", *TINY, "trainer.max_steps=1000000",
+            "trainer.log_every=5", "schedule.H=4", "checkpoint.every_rounds=100000"]
+
+    def start_and_stop() -> subprocess.CompletedProcess:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and len(records(run, "train")) >= 3 + 3 * len(records(run, "start")):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+    first = start_and_stop()
+    assert first.returncode == 75, output(first)
+    stopped = records(run, "preempted")[-1]["step"]
+    assert stopped % 4 == 0 and (run / f"checkpoints/step-{stopped}/manifest.json").exists()
+    second = start_and_stop()
+    assert second.returncode == 75, output(second)
+    assert records(run, "start")[-1] == {**records(run, "start")[-1], "resumed": True, "step": stopped}
