@@ -283,7 +283,9 @@ class LocalSGD:
                     return self.local_step
         return -1
 
-    def _fingerprint(self, nonfinite_step: int, next_h: int) -> tuple[dict[str, tuple[int, int]], dict[int, int], list[int], bool, list[int]]:
+    def _fingerprint(
+        self, nonfinite_step: int, next_h: int
+    ) -> tuple[dict[str, tuple[int, int]], dict[int, int], list[int], bool, list[int]]:
         """One MAX all-reduce that checks agreement, gathers NaN flags and the stop flag."""
         world, me = dist.world_size(), dist.rank()
         v = [self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h]

@@ -18,8 +18,8 @@ TINY = ["data=digits", "model=mlp", "model.hidden=[32]", "trainer=smoke", "optim
 def env_for(tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                      "MASTER_", "TORCHELASTIC", "LOCALSGD_FAULT"))}
-    env.update(WANDB_MODE=env.get("WANDB_MODE", "disabled"), TQDM_DISABLE="1", OMP_NUM_THREADS="1",
-               LOCALSGD_CACHE_DIR=str(tmp / "cache"), PYTHONUNBUFFERED="1", **extra)
+    env.update({"WANDB_MODE": env.get("WANDB_MODE", "disabled"), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+                "LOCALSGD_CACHE_DIR": str(tmp / "cache"), "PYTHONUNBUFFERED": "1", **extra})
     return env
 
 

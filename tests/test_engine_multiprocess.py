@@ -226,7 +226,7 @@ def _averaged_context(rank: int, world: int) -> bool:
     restored = all(torch.equal(v, local[k]) for k, v in model.state_dict().items())
     expected = _bn_model()[0].weight + 0.5
     return restored and torch.allclose(averaged["0.weight"], expected) and sync.stats.eval_bytes > 0
-    
+
 
 def test_averaged_context_evaluates_the_average_and_restores_local_replicas() -> None:
     assert all(run_ok(_averaged_context, 2))

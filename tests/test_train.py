@@ -183,23 +183,51 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
     args = [sys.executable, "-m", "localsgd.train", f"hydra.run.dir={run}", *TINY, "trainer.max_steps=1000000",
             "trainer.log_every=5", "schedule.H=4", "checkpoint.every_rounds=100000"]
 
-    def start_and_stop() -> subprocess.CompletedProcess:
+    def trained_since_start(n_starts: int) -> int:
+        if not (run / "metrics.jsonl").exists():
+            return 0
+        recs = records(run)
+        starts = [i for i, r in enumerate(recs) if r["event"] == "start"]
+        if len(starts) < n_starts:
+            return 0
+        return sum(1 for r in recs[starts[-1]:] if r["event"] == "train")
+
+    def start_and_stop(n_starts: int) -> subprocess.CompletedProcess:
         proc = subprocess.Popen(args, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 90
         while time.time() < deadline:
-            metrics = run / "metrics.jsonl"
-            if metrics.exists() and len(records(run, "train")) >= 3 + 3 * len(records(run, "start")):
+            if trained_since_start(n_starts) >= 3:  # the loop (and its signal handler) is running
                 break
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
-    first = start_and_stop()
+    first = start_and_stop(1)
     assert first.returncode == 75, output(first)
     stopped = records(run, "preempted")[-1]["step"]
     assert stopped % 4 == 0 and (run / f"checkpoints/step-{stopped}/manifest.json").exists()
-    second = start_and_stop()
+    second = start_and_stop(2)
     assert second.returncode == 75, output(second)
     assert records(run, "start")[-1] == {**records(run, "start")[-1], "resumed": True, "step": stopped}
+
+
+def test_hung_rank_turns_into_a_timeout_error_not_a_hang(tmp_path: Path) -> None:
+    import time
+
+    begin = time.monotonic()
+    proc = torchrun(tmp_path, tmp_path / "run", [*TINY, "schedule.H=4", "checkpoint=off", "comm.train_timeout_s=4"],
+                    LOCALSGD_FAULT="sleep:rank=1,step=3,secs=120")
+    took = time.monotonic() - begin
+    assert proc.returncode != 0
+    assert "CollectiveTimeout" in proc.stderr + proc.stdout and "rank 0" in proc.stderr + proc.stdout
+    assert took < 60  # the sleeping rank would take 120 s: the timeout, not the sleep, ended the run
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert torchrun(tmp_path, run, [*TINY, "schedule.H=5", "checkpoint.every_rounds=4"]).returncode == 0
+    proc = torchrun(tmp_path, run, [*TINY, "schedule.H=5", "checkpoint.every_rounds=4"], nproc=1)
+    assert proc.returncode != 0
+    assert "was written by 2 ranks, this run has 1" in proc.stderr + proc.stdout

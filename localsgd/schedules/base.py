@@ -43,6 +43,7 @@ class SyncSchedule(abc.ABC):
 
     def observe(self, *, step: int, loss: float | None = None, lr: float | None = None) -> None:
         """Receive all-reduced run-time signals (only adaptive schedules use them)."""
+        return None
 
     def _checked_local_steps(self, round_index: int) -> int:
         h = int(self.local_steps(round_index))
