@@ -329,7 +329,9 @@ def wrap_ddp(model: nn.Module, bucket_cap_mb: float) -> tuple[nn.Module, DDPComm
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     comm = DDPComm(SyncStats())
-    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb)
+    device = dist.device()
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = DDP(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
     world = dist.world_size()
 
     # DDP inspects the hook's annotations; leave them off (they would be strings here).
