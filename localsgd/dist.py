@@ -76,8 +76,21 @@ def _int_env(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from exc
 
 
+def _export_submitit_env() -> None:
+    # A hydra-submitit job with several tasks per sweep point is launched by srun without torchrun;
+    # submitit knows the job's rank layout and master address, so let it export torchrun's names.
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # set_cuda_visible_devices=False: init() pins the device from LOCAL_RANK itself.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def read_env() -> DistEnv:
     """Read rank information from torchrun's variables, else Slurm's, else a single process."""
+    _export_submitit_env()
     rank = _int_env("RANK")
     if rank is not None:
         world = _int_env("WORLD_SIZE")

@@ -148,6 +148,8 @@ class LocalSGD:
         self.stop_agreed = False  # True once any rank asked to stop, known at a sync
         self._first_nonfinite = -1  # first local step whose loss was non-finite on this rank
         self._losses: list[tuple[int, Any]] = []
+        self._round_loss = [0.0, 0]  # sum and count of this round's finite losses
+        self.last_round_loss: float | None = None  # mean over ranks of the last round's mean loss
         self._consecutive_skips = 0
         self._snapshot: dict[str, Any] | None = None
         self._build_layout()
@@ -269,6 +271,9 @@ class LocalSGD:
             bad = (~torch.isfinite(values)).nonzero()
             if len(bad):
                 self._first_nonfinite = self._losses[int(bad[0])][0]
+            else:
+                self._round_loss[0] += float(values.double().sum())
+                self._round_loss[1] += len(values)
         self._losses.clear()
 
     def _local_nonfinite_step(self) -> int:
@@ -291,15 +296,21 @@ class LocalSGD:
         v = [self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h]
         n_int = len(self._int_buffer_list)
         device = self._groups[0].flat.device if self._groups else torch.device("cpu")
-        vec = torch.zeros(2 * len(v) + 2 * world + 1 + n_int, dtype=torch.int64, device=device)
+        vec = torch.zeros(2 * len(v) + 3 * world + 1 + n_int, dtype=torch.int64, device=device)
         vec[: len(v)] = torch.tensor(v)
         vec[len(v) : 2 * len(v)] = -torch.tensor(v)
         base = 2 * len(v)
         vec[base + me] = nonfinite_step + 1  # 0 means finite
         vec[base + world + me] = zlib.crc32(repr(v).encode()) + 1
         vec[base + 2 * world] = int(self.stop_requested)
+        # Each rank's mean round loss rides along as float64 bits in its own slot (others hold the
+        # int64 minimum, so MAX leaves every slot exact): every rank then computes the same mean.
+        loss_slots = base + 2 * world + 1
+        vec[loss_slots : loss_slots + world] = torch.iinfo(torch.int64).min
+        mean = self._round_loss[0] / self._round_loss[1] if self._round_loss[1] else float("nan")
+        vec[loss_slots + me] = torch.tensor(mean, dtype=torch.float64).view(torch.int64)
         if n_int:
-            vec[base + 2 * world + 1 :] = torch.stack([b.reshape(()).to(torch.int64) for b in self._int_buffer_list])
+            vec[loss_slots + world :] = torch.stack([b.reshape(()).to(torch.int64) for b in self._int_buffer_list])
         dist.all_reduce_max_(vec, group=self.group, what="LocalSGD agreement check")
         self.stats.check_bytes += vec.numel() * vec.element_size()
         out = vec.tolist()
@@ -309,7 +320,11 @@ class LocalSGD:
         hashes = out[base + world : base + 2 * world]
         odd = [r for r in range(world) if hashes[r] != hashes[0]]
         stop = bool(out[base + 2 * world])
-        ints = out[base + 2 * world + 1 :]
+        loss_slots = base + 2 * world + 1
+        losses = vec[loss_slots : loss_slots + world].view(torch.float64).tolist()
+        self.last_round_loss = None if any(x != x for x in losses) else sum(losses) / world
+        self._round_loss = [0.0, 0]
+        ints = out[loss_slots + world :]
         return disagree, bad, odd, stop, ints
 
     def _average_groups(self) -> None:
@@ -398,10 +413,15 @@ class LocalSGD:
         self.last_sync_step = self.local_step
         self._consecutive_skips = 0
         if advance_schedule:
+            # Adaptive schedules see only all-reduced values, so every rank decides alike.
+            self.schedule.observe(step=self.local_step, loss=self.last_round_loss, lr=self._current_lr())
             self.schedule.advance(self.local_step)
         if self.on_nonfinite == "skip_round":
             self._take_snapshot()
         self.stats.seconds += time.perf_counter() - start
+
+    def _current_lr(self) -> float | None:
+        return float(self.optimizers[0].param_groups[0]["lr"]) if self.optimizers else None
 
     def _handle_nonfinite(self, bad: dict[int, int]) -> None:
         if self.on_nonfinite == "raise" or self._snapshot is None:

@@ -57,7 +57,9 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     model = model_lib.build(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
-    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size))
+    first_decay = optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
+                                             getattr(cfg.optimizer, "decay_milestones", []))
+    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size, first_decay))
     plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
     step_model: nn.Module = model
     ddp_comm = None

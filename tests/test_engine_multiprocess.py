@@ -67,7 +67,7 @@ def test_parameters_and_buffers_identical_after_every_sync_and_finalize(world: i
     # Exact accounting: payload = rounds x (parameter bytes + float buffer bytes); the check apart.
     assert r["bytes"] == r["rounds"] * (r["param_bytes"] + r["float_buffer_bytes"])
     n_int_buffers = 1
-    assert r["check_bytes"] == r["rounds"] * 8 * (2 * 5 + 2 * world + 1 + n_int_buffers)
+    assert r["check_bytes"] == r["rounds"] * 8 * (2 * 5 + 3 * world + 1 + n_int_buffers)
     assert all(rep["num_batches_tracked"] == 10 for rep in reports)
 
 

@@ -231,3 +231,17 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     proc = torchrun(tmp_path, run, [*TINY, "schedule.H=5", "checkpoint.every_rounds=4"], nproc=1)
     assert proc.returncode != 0
     assert "was written by 2 ranks, this run has 1" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize(("schedule", "described"), [
+    (["schedule=adacomm", "schedule.tau0=4", "schedule.interval_steps=8"], "adacomm(tau0=4)"),
+    (["schedule=post_local", "schedule.H=4", "optimizer.lr_decay=step", "optimizer.decay_milestones=[0.25]"],
+     "post_local(switch=10, H=4)"),
+])
+def test_trainer_runs_issue_schedules_end_to_end(tmp_path: Path, schedule: list[str], described: str) -> None:
+    proc = torchrun(tmp_path, tmp_path / "run", [*TINY, *schedule, "checkpoint=off"])
+    assert proc.returncode == 0, output(proc)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["schedule"] == described
+    if described.startswith("post_local"):
+        assert s["comm_rounds"] == 10 + 30 // 4 + 1  # H=1 until step 10, then every 4, then the final partial

@@ -1,0 +1,190 @@
+"""The gradient noise scale B_simple and a batch ramp driven by it.
+
+Estimator (McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training",
+arXiv 1812.06162, Appendix A.1; schedules.md §6.3, formulas cross-checked against public
+implementations, e.g. MosaicML Composer's noise-scale monitor). With squared norms of mean gradients
+over batches of B_small < B_big samples taken *at the same parameters*,
+
+    |𝒢|² = (B_big·|G_big|² − B_small·|G_small|²) / (B_big − B_small)     unbiased for |G|²
+    𝒮    = (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)                 unbiased for tr(Σ)
+
+and B_simple = tr(Σ)/|G|² ≈ EMA(𝒮) / EMA(|𝒢|²): numerator and denominator are smoothed separately
+(a ratio of noisy estimates is biased). The EMAs are bias-corrected like Adam's moments
+(ê_n = e_n / (1 − β^n), e_0 = 0), so ``trace_sigma()`` and ``grad_sq()`` are meaningful from the first
+update; both carry the same correction, so it cancels in ``b_simple()``. The EMA coefficient 0.95 is
+ours (the paper prescribes none).
+
+In local SGD: B_small = b (one worker's batch), B_big = K·b (the all-reduced mean), with the mean over
+workers of |g_k|² as |G_small|² (lower variance). Both gradients are at the same parameters only at the
+first local step after a sync (or with H = 1); pseudo-gradients after H > 1 steps are not valid inputs.
+
+Ramp (ours, a heuristic built on McCandlish; the paper prescribes no controller):
+b_t = clip(round(B_simple / K), b_min, b_max), updated only when ``observe_noise_scale`` is called and
+only ever increased. Defaults (ours): b_min = the trainer's batch size, b_max = 4096, EMA 0.95, one
+measurement every 4 rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .base import BatchRamp, check_step, round_batch
+
+
+def two_batch_estimates(sq_norm_small: float, sq_norm_big: float, b_small: float, b_big: float) -> tuple[float, float]:
+    """One draw of the unbiased estimates ``(|𝒢|², 𝒮)`` of ``(|G|², tr Σ)`` (McCandlish et al., App. A.1)."""
+    if not 0 < b_small < b_big:
+        raise ValueError(f"noise scale needs 0 < b_small < b_big, got b_small={b_small!r}, b_big={b_big!r}")
+    grad_sq = (b_big * sq_norm_big - b_small * sq_norm_small) / (b_big - b_small)
+    trace_sigma = (sq_norm_small - sq_norm_big) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace_sigma
+
+
+class NoiseScaleEstimator:
+    """EMA-smoothed two-batch estimate of B_simple = tr(Σ)/|G|². Scalars in, scalars out; checkpointable."""
+
+    def __init__(self, b_small: int, b_big: int, ema: float = 0.95) -> None:
+        if not 0 <= ema < 1:
+            raise ValueError(f"NoiseScaleEstimator: ema must be in [0, 1), got {ema!r}")
+        two_batch_estimates(0.0, 0.0, b_small, b_big)  # validates the sizes
+        self.b_small = int(b_small)
+        self.b_big = int(b_big)
+        self.ema = float(ema)
+        self.count = 0
+        self._ema_grad_sq = 0.0  # uncorrected EMAs, e_0 = 0
+        self._ema_trace = 0.0
+        self.last_grad_sq = math.nan  # the latest raw estimates
+        self.last_trace_sigma = math.nan
+
+    def update(self, sq_norm_small_mean: float, sq_norm_big: float, b_small: int | None = None,
+               b_big: int | None = None) -> None:
+        """Fold in one measurement: the mean of |G_small|² (over workers) and |G_big|², at the same parameters.
+
+        ``b_small``/``b_big`` override the sizes for this and later updates (a batch ramp changes b; the
+        estimated quantities |G|² and tr Σ do not depend on it, so the EMAs carry over).
+        """
+        if not (math.isfinite(sq_norm_small_mean) and math.isfinite(sq_norm_big)):
+            raise ValueError(f"NoiseScaleEstimator.update: non-finite squared norms {sq_norm_small_mean!r}, "
+                             f"{sq_norm_big!r}")
+        bs = self.b_small if b_small is None else int(b_small)
+        bb = self.b_big if b_big is None else int(b_big)
+        grad_sq, trace = two_batch_estimates(float(sq_norm_small_mean), float(sq_norm_big), bs, bb)
+        self.b_small, self.b_big = bs, bb
+        self.last_grad_sq, self.last_trace_sigma = grad_sq, trace
+        self._ema_grad_sq = self.ema * self._ema_grad_sq + (1 - self.ema) * grad_sq
+        self._ema_trace = self.ema * self._ema_trace + (1 - self.ema) * trace
+        self.count += 1
+
+    def _correction(self) -> float:
+        return 1.0 - self.ema**self.count
+
+    def grad_sq(self) -> float:
+        """Bias-corrected EMA of |𝒢|² (NaN before the first update)."""
+        return self._ema_grad_sq / self._correction() if self.count else math.nan
+
+    def trace_sigma(self) -> float:
+        """Bias-corrected EMA of 𝒮 (NaN before the first update)."""
+        return self._ema_trace / self._correction() if self.count else math.nan
+
+    def b_simple(self) -> float:
+        """EMA(𝒮) / EMA(|𝒢|²); NaN until both EMAs are positive."""
+        if self.count == 0 or not (self._ema_trace > 0 and self._ema_grad_sq > 0):
+            return math.nan
+        return self._ema_trace / self._ema_grad_sq
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"b_small": self.b_small, "b_big": self.b_big, "ema": self.ema, "count": self.count,
+                "ema_grad_sq": self._ema_grad_sq, "ema_trace": self._ema_trace,
+                "last_grad_sq": self.last_grad_sq, "last_trace_sigma": self.last_trace_sigma}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if float(state["ema"]) != self.ema:
+            raise ValueError(f"checkpoint's noise-scale EMA is {state['ema']!r}, this run uses {self.ema!r}")
+        self.b_small, self.b_big = int(state["b_small"]), int(state["b_big"])
+        self.count = int(state["count"])
+        self._ema_grad_sq, self._ema_trace = float(state["ema_grad_sq"]), float(state["ema_trace"])
+        self.last_grad_sq, self.last_trace_sigma = float(state["last_grad_sq"]), float(state["last_trace_sigma"])
+
+
+class NoiseScaleRamp(BatchRamp):
+    """b_t = clip(round(B_simple / K), b_min, b_max), raised only when an estimate calls for more."""
+
+    name = "noise_scale"
+
+    def __init__(self, base_batch: int, total_steps: int, world_size: int, b_min: int | None, b_max: int) -> None:
+        super().__init__(base_batch, total_steps)
+        if world_size < 1:
+            raise ValueError(f"ramp 'noise_scale' needs world_size >= 1, got {world_size!r}")
+        self.world_size = int(world_size)
+        self.b_min = self.base_batch if b_min is None else int(b_min)
+        self.b_max = int(b_max)
+        if not 1 <= self.b_min <= self.b_max:
+            raise ValueError(f"ramp 'noise_scale': needs 1 <= b_min <= b_max, got b_min={self.b_min}, "
+                             f"b_max={self.b_max}")
+        self.current = min(max(self.base_batch, self.b_min), self.b_max)
+        self.last_b_simple = math.nan
+        self.last_step: int | None = None
+
+    def batch_size(self, step: int) -> int:
+        """The batch set by the latest observation (not a function of ``step``: past steps are not replayed)."""
+        check_step(step)
+        return self.current
+
+    def target(self, b_simple: float) -> int | None:
+        """clip(round(B_simple/K), b_min, b_max), or None for an unusable estimate (NaN, inf, <= 0)."""
+        if not (math.isfinite(b_simple) and b_simple > 0):
+            return None
+        per_worker = b_simple / self.world_size
+        return self.b_max if per_worker >= self.b_max else min(max(round_batch(per_worker), self.b_min), self.b_max)
+
+    def observe_noise_scale(self, b_simple: float, step: int) -> None:
+        """Raise the batch to the target of an all-reduced B_simple estimate (never lowers it)."""
+        check_step(step)
+        self.last_b_simple = float(b_simple)
+        self.last_step = int(step)
+        t = self.target(float(b_simple))
+        if t is not None and t > self.current:
+            self.current = t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "current": self.current, "last_b_simple": self.last_b_simple,
+                "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.current = int(state["current"])
+        self.last_b_simple = float(state["last_b_simple"])
+        self.last_step = None if state["last_step"] is None else int(state["last_step"])
+
+    def describe(self) -> str:
+        return f"noise_scale(K={self.world_size}, b in [{self.b_min}, {self.b_max}], now {self.current})"
+
+
+@dataclass
+class NoiseScaleRampConfig:
+    """``ramp=noise_scale``: per-worker batch from the measured noise scale (ours; module doc).
+
+    ``ema`` and ``measure_every_rounds`` are read by the trainer, which owns the
+    :class:`NoiseScaleEstimator` and measures at the first local step after every such sync.
+    """
+
+    name: str = "noise_scale"
+    b_min: int | None = None  # None: the trainer's batch size
+    b_max: int = 4096
+    ema: float = 0.95
+    measure_every_rounds: int = 4
+
+    def problems(self) -> Iterator[tuple[str, Any, str]]:
+        if self.b_min is not None and self.b_min < 1:
+            yield "b_min", self.b_min, "must be >= 1 (or null for the trainer's batch size)"
+        if self.b_max < 1:
+            yield "b_max", self.b_max, "must be >= 1"
+        elif self.b_min is not None and self.b_max < self.b_min:
+            yield "b_max", self.b_max, f"must be >= b_min={self.b_min}"
+        if not 0 <= self.ema < 1:
+            yield "ema", self.ema, "must be in [0, 1)"
+        if self.measure_every_rounds < 1:
+            yield "measure_every_rounds", self.measure_every_rounds, "must be >= 1"

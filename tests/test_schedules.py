@@ -1,0 +1,195 @@
+"""Communication schedules: the worked values of shared/design/schedules.md, bookkeeping invariants,
+exactness of averaging on a quadratic for every schedule, and rank agreement of adaptive decisions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+import localsgd
+from localsgd.schedules import QSR, AdaComm, AdaptivePD, Fixed, Lupa, PatelDieuleveut, PostLocal, Stich
+from localsgd.schedules.adacomm import adacomm_tau
+
+from .distributed import run_ok
+
+
+def sync_steps(schedule, total: int) -> list[int]:
+    out = []
+    for step in range(1, total + 1):
+        if schedule.should_sync(step):
+            out.append(step)
+            schedule.advance(step)
+    return out
+
+
+def test_stich_period_and_round_count() -> None:
+    s = Stich(total_steps=10_000, workers=4, batch_size=1)
+    assert s.H == 50 and s.rounds() == 200 == round(math.sqrt(10_000 * 4 * 1))
+    assert Stich(10_000, 4, 1, H_max=20).H == 20
+    assert Stich(10, 4, 8).H == 1  # never below 1
+
+
+@pytest.mark.parametrize(("n1", "beta", "total"), [(1.0, 1.0, 5050), (1.0, 1.0, 777), (0.25, 1.0, 1000),
+                                                    (2.0, 0.5, 3001), (1.0, 2.0, 10_000)])
+def test_patel_dieuleveut_phases_cover_the_budget_exactly(n1: float, beta: float, total: int) -> None:
+    s = PatelDieuleveut(n1, beta, total)
+    lengths = [s.local_steps(r) for r in range(s.rounds())]
+    assert lengths == sorted(lengths)  # non-decreasing
+    truncated = lengths[:-1] + [total - sum(lengths[:-1])]
+    assert sum(truncated) == total and 1 <= truncated[-1] <= lengths[-1]
+    steps = sync_steps(PatelDieuleveut(n1, beta, total), total)
+    assert len(steps) == s.rounds() - (0 if steps and steps[-1] == total else 1)
+
+
+def test_patel_dieuleveut_linear_round_count() -> None:
+    assert PatelDieuleveut(1.0, 1.0, 5050).rounds() == 100  # smallest C with C(C+1)/2 >= 5050
+    assert PatelDieuleveut(1.0, 1.0).rounds(5051) == 101
+
+
+def test_post_local_switches_to_full_rounds_of_H() -> None:
+    steps = sync_steps(PostLocal(switch_step=100, H=4), 120)
+    assert steps == [*range(1, 101), 104, 108, 112, 116, 120]
+
+
+def test_torch_periodic_averager_first_post_warmup_round_is_one_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins the 3-step offset to PyTorch's PeriodicModelAverager(period=4, warmup_steps=100)."""
+    from torch.distributed.algorithms.model_averaging import averagers
+
+    calls: list[int] = []
+    avg = averagers.PeriodicModelAverager(period=4, warmup_steps=100, process_group=object())
+    monkeypatch.setattr(averagers.utils, "average_parameters_or_parameter_groups",
+                        lambda params, group: calls.append(avg.step))
+    for _ in range(120):
+        avg.average_parameters([])
+    torch_post = [c + 1 for c in calls]  # 1-based optimizer steps after which torch averages
+    ours_post = [s for s in sync_steps(PostLocal(100, 4), 120) if s > 100]
+    assert torch_post == [101, 105, 109, 113, 117]
+    assert [t + 3 for t in torch_post[:-1]] == ours_post[:-1]
+
+
+def test_adacomm_worked_values() -> None:
+    assert adacomm_tau(0.25, 1.0, 20, 1.0, 1, None) == 10
+    assert adacomm_tau(1.0, 1.0, 20, 1.0, 1, None) == 20
+    assert adacomm_tau(1.0, 10.0, 20, 1.0, 1, None) == math.ceil(20 * math.sqrt(10)) == 64
+    assert adacomm_tau(1e-9, 1.0, 20, 1.0, 1, None) == 1
+    assert adacomm_tau(4.0, 1.0, 20, 1.0, 1, 30) == 30
+
+
+def test_adacomm_period_shrinks_as_loss_falls_at_constant_lr() -> None:
+    s = AdaComm(tau0=20, interval_steps=1)
+    taus, step = [], 0
+    for loss in [2.0, 1.8, 1.5, 1.1, 0.8, 0.5, 0.3, 0.1]:
+        step += s.local_steps(s.sync_round)
+        s.observe(step=step, loss=loss, lr=0.1)
+        s.advance(step)
+        taus.append(s.tau)
+    assert taus == sorted(taus, reverse=True) and taus[0] == 20 and taus[-1] == math.ceil(math.sqrt(0.05) * 20)
+
+
+def test_lupa_matches_the_repository_formula() -> None:
+    s = Lupa(tau=91, rounds=10, total_steps=5469)
+    assert s.alpha == 2 * 5469 / (11 * 10 * 91)
+    assert s.local_steps(0) == 91
+    assert s.period(10) / 91 == pytest.approx(1 + s.alpha * 10, rel=1e-15)
+    steps = sync_steps(Lupa(91, 10, 5469), 5469)
+    lengths = [b - a for a, b in zip([0, *steps], steps)]
+    assert lengths == sorted(lengths) and sum(lengths) + (5469 - steps[-1]) == 5469
+
+
+def test_qsr_grows_as_the_lr_decays() -> None:
+    s = QSR(H_base=4, alpha=0.1)
+    s.observe(step=1, lr=0.1)
+    assert s.H == 4
+    s.observe(step=2, lr=0.01)
+    assert s.H == 100
+
+
+def test_adaptive_pd_grows_inversely_to_the_loss_gap_and_never_shrinks() -> None:
+    s = AdaptivePD(N1=2, N_max=50, loss_floor=0.5)
+    seq = []
+    for loss in [2.5, 1.5, 1.0, 2.0, 0.6, 0.5]:
+        s.observe(step=0, loss=loss)
+        seq.append(s.current)
+    assert seq == [2, 4, 8, 8, 40, 50]
+
+
+def test_schedule_state_round_trips() -> None:
+    for make in (lambda: AdaComm(5, 3), lambda: QSR(2, 0.2), lambda: AdaptivePD(1, 1, 9)):
+        a = make()
+        for step, loss in ((4, 2.0), (9, 1.0), (15, 0.5)):
+            a.observe(step=step, loss=loss, lr=0.05)
+            a.advance(step)
+        b = make()
+        b.load_state_dict(a.state_dict())
+        assert [b.local_steps(b.sync_round + k) for k in range(3)] == [a.local_steps(a.sync_round + k) for k in range(3)]
+        assert b.state_dict() == a.state_dict()
+
+
+# ------------------------------------------------------------------ multi-rank
+def _quadratic_all_schedules(rank: int, world: int) -> dict[str, float]:
+    d, lr, steps = 4, 0.05, 60
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A, b = m @ m.T / d + torch.eye(d, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    noise = torch.randn(steps, world, d, generator=g, dtype=torch.float64)
+    makers = {"fixed": lambda: Fixed(5), "stich": lambda: Stich(steps, world, 1),
+              "patel_dieuleveut": lambda: PatelDieuleveut(1.0, 1.0, steps), "post_local": lambda: PostLocal(10, 7),
+              "adacomm": lambda: AdaComm(6, 10), "lupa": lambda: Lupa(3, 8, steps), "qsr": lambda: QSR(2, 0.3),
+              "adaptive_pd": lambda: AdaptivePD(1, 1, 12)}
+    worst = {}
+    for name, make in makers.items():
+        x = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        holder = nn.Module()
+        holder.x = x
+        opt = torch.optim.SGD([x], lr=lr)
+        sync = localsgd.LocalSGD(holder, opt, schedule=make())
+        y = torch.zeros(d, dtype=torch.float64)
+        err = 0.0
+        for t in range(steps):
+            opt.zero_grad()
+            x.grad = A @ x.detach() - b + noise[t, rank]
+            loss = 0.5 * x.detach() @ A @ x.detach() - b @ x.detach()
+            opt.step()
+            y = y - lr * (A @ y - b + noise[t].mean(0))
+            if sync.step(loss=loss + 10):
+                err = max(err, float((x.detach() - y).abs().max()))
+        assert sync.stats.rounds >= 2, name
+        worst[name] = err
+    return worst
+
+
+def test_every_schedule_keeps_the_averaged_iterate_equal_to_minibatch_sgd_on_a_quadratic() -> None:
+    for worst in run_ok(_quadratic_all_schedules, 2, timeout_s=120):
+        assert all(v < 1e-10 for v in worst.values()), worst
+
+
+def _adaptive_agreement(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = localsgd.LocalSGD(model, opt, schedule=AdaComm(tau0=4, interval_steps=4))
+    taus, saved = [], None
+    for step in range(1, 61):
+        local_loss = 5.0 / step * (1 + rank)  # ranks see different losses; the decision must agree
+        if sync.step(loss=torch.tensor(local_loss)):
+            taus.append(sync.schedule.tau)
+        if step == 30:
+            saved, tau_at_30, next_at_30 = sync.state_dict(), sync.schedule.tau, sync.schedule.next_sync_step
+    resumed = localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=AdaComm(tau0=4, interval_steps=4))
+    resumed.load_state_dict(saved)
+    out: list = [None] * world
+    tdist.all_gather_object(out, taus)
+    return {"taus": out, "rounds": sync.stats.rounds, "loss": sync.last_round_loss,
+            "resumed": (resumed.schedule.tau, resumed.schedule.next_sync_step) == (tau_at_30, next_at_30)}
+
+
+def test_adaptive_decisions_agree_across_ranks_and_survive_resume() -> None:
+    reports = run_ok(_adaptive_agreement, 2)
+    taus = reports[0]["taus"]
+    assert taus[0] == taus[1] and len(set(taus[0])) > 1  # identical, and it actually adapted
+    assert reports[0]["loss"] == reports[1]["loss"]  # the all-reduced loss, bit-identical on both ranks
+    assert all(r["resumed"] for r in reports)
