@@ -125,7 +125,8 @@ def test_schedule_state_round_trips() -> None:
             a.advance(step)
         b = make()
         b.load_state_dict(a.state_dict())
-        assert [b.local_steps(b.sync_round + k) for k in range(3)] == [a.local_steps(a.sync_round + k) for k in range(3)]
+        ahead = [a.local_steps(a.sync_round + k) for k in range(3)]
+        assert [b.local_steps(b.sync_round + k) for k in range(3)] == ahead
         assert b.state_dict() == a.state_dict()
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import Registry
-from .base import SyncSchedule
 from ..errors import ConfigError
+from ..registry import Registry
 from .adacomm import AdaComm, AdaCommConfig
+from .base import SyncSchedule
 from .fixed import DDPConfig, Fixed, FixedConfig, OneShot, OneShotConfig
 from .lupa import QSR, Lupa, LupaConfig, QSRConfig
 from .patel_dieuleveut import AdaptivePD, PatelDieuleveut, PatelDieuleveutConfig
