@@ -1,9 +1,9 @@
 """Typed configs: dataclasses in Hydra's ConfigStore are the source of truth; YAML only selects.
 
 The root :class:`TrainConfig` has one field per config group (``data``, ``model``, ``optimizer``,
-``schedule``, ``trainer``, ``logging``, ``checkpoint``) plus the ``sync`` and ``comm`` sections.
-Polymorphic groups (data, model, optimizer, schedule) take the dataclass of the chosen registry entry,
-stored as ``<group>/<name>_schema`` and extended by ``configs/<group>/<name>.yaml``.
+``schedule``, ``outer``, ``ramp``, ``trainer``, ``logging``, ``checkpoint``) plus the ``sync`` and
+``comm`` sections. Polymorphic groups (data, model, optimizer, schedule, outer, ramp) take the
+dataclass of the chosen registry entry, stored as ``<group>/<name>_schema`` and extended by ``configs/<group>/<name>.yaml``.
 
 Validation happens before any process group exists (``conventions.md`` §5.2, ``reliability.md`` T8):
 Hydra rejects wrong types and unknown keys; :func:`check_config` additionally rejects keys that
@@ -37,6 +37,7 @@ class TrainerConfig:
     eval_batch_size: int = 1000
     log_every: int = 25  # steps between metrics.jsonl train records and progress-bar updates
     threads: int = 0  # torch intra-op threads per worker; 0 = cores / local workers
+    lr_batch_coupling: bool = True  # LR x current batch / initial batch (Goyal et al. linear scaling)
     progress: bool = True  # rank-0 progress bar (also off when TQDM_DISABLE=1)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
@@ -133,6 +134,8 @@ class TrainConfig:
     model: Any = MISSING
     optimizer: Any = MISSING
     schedule: Any = MISSING
+    outer: Any = MISSING
+    ramp: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     comm: CommConfig = field(default_factory=CommConfig)
@@ -140,16 +143,19 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-POLYMORPHIC_GROUPS = ("data", "model", "optimizer", "schedule")
+POLYMORPHIC_GROUPS = ("data", "model", "optimizer", "schedule", "outer", "ramp")
 
 
 def _registries() -> dict[str, Any]:
     from .data import DATASETS
     from .models import MODELS
     from .optim import OPTIMIZERS
+    from .outer import OUTER
+    from .ramps import RAMPS
     from .schedules import SCHEDULES
 
-    return {"data": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+    return {"data": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "outer": OUTER,
+            "ramp": RAMPS}
 
 
 def run_id() -> str:

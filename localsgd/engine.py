@@ -118,6 +118,7 @@ class LocalSGD:
         extra_tensors: Iterable[torch.Tensor] = (),
         config_hash: int = 0,
         process_group: Any = None,
+        outer: Any = None,
     ) -> None:
         if schedule is None:
             raise ValueError("LocalSGD needs a schedule, e.g. localsgd.schedules.Fixed(8)")
@@ -141,6 +142,8 @@ class LocalSGD:
         self.extra_tensors = list(extra_tensors)
         self.config_hash = int(config_hash) & 0x7FFFFFFF
         self.group = process_group
+        self.outer = outer  # an OuterOptimizer (localsgd.outer); None = plain averaging
+        self._global: list[torch.Tensor] | None = None  # x_t, the round's starting point (outer only)
         self.stats = SyncStats()
         self.local_step = 0  # optimizer steps completed on this rank
         self.last_sync_step = 0
@@ -153,6 +156,7 @@ class LocalSGD:
         self._consecutive_skips = 0
         self._snapshot: dict[str, Any] | None = None
         self._build_layout()
+        self._reset_global_copy()
         if on_nonfinite == "skip_round":
             self._take_snapshot()
 
@@ -195,6 +199,15 @@ class LocalSGD:
         self.payload_bytes = sum(g.flat.numel() * g.flat.element_size() for g in self._groups)
         self.elements = sum(g.flat.numel() for g in self._groups)
 
+    def _param_views(self) -> list[torch.Tensor]:
+        return [g.flat[: g.param_numel] for g in self._groups]
+
+    def _reset_global_copy(self) -> None:
+        # Outer optimizers need x_t; at construction, after a load and after a sync it equals the
+        # current (identical) parameters, so it never has to be checkpointed.
+        if self.outer is not None and getattr(self.outer, "needs_global_copy", True):
+            self._global = [v.detach().clone() for v in self._param_views()]
+
     def _check_layout(self) -> None:
         # Cheap pointer comparison; a model moved or re-materialised after wrapping gets a new layout.
         params_now = list(dict.fromkeys([*self.model.parameters(), *self.extra_tensors]))
@@ -206,6 +219,9 @@ class LocalSGD:
         ]
         if not same:
             self._build_layout()
+            if self._global is not None and [t.numel() for t in self._global] != [
+                    v.numel() for v in self._param_views()]:
+                self._reset_global_copy()
 
     # ------------------------------------------------------------------ public API
     def step(self, loss: torch.Tensor | float | None = None) -> bool:
@@ -407,6 +423,8 @@ class LocalSGD:
             for b, value in zip(self._int_buffer_list, ints):
                 b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
         self._average_groups()
+        if self.outer is not None:
+            self._outer_step()
         self._apply_optimizer_state_policy()
         self.stats.rounds += 1
         self.stats.bytes += self.payload_bytes
@@ -419,6 +437,14 @@ class LocalSGD:
         if self.on_nonfinite == "skip_round":
             self._take_snapshot()
         self.stats.seconds += time.perf_counter() - start
+
+    def _outer_step(self) -> None:
+        averaged = self._param_views()
+        with torch.no_grad():
+            self.outer.step(self._global or [], averaged, inner_lr=self._current_lr() or 1.0)
+            if self._global is not None:
+                for g, a in zip(self._global, averaged):
+                    g.copy_(a)
 
     def _current_lr(self) -> float | None:
         return float(self.optimizers[0].param_groups[0]["lr"]) if self.optimizers else None
@@ -458,6 +484,7 @@ class LocalSGD:
             "stats": self.stats.state_dict(),
             "schedule": self.schedule.state_dict(),
             "consecutive_skips": self._consecutive_skips,
+            "outer": None if self.outer is None else self.outer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -469,6 +496,9 @@ class LocalSGD:
         self._first_nonfinite = -1
         self._losses.clear()
         self._check_layout()
+        if self.outer is not None and state.get("outer") is not None:
+            self.outer.load_state_dict(state["outer"])
+        self._reset_global_copy()  # checkpoints are taken right after a sync, where x_t = the parameters
         if self.on_nonfinite == "skip_round":
             self._take_snapshot()
 

@@ -30,11 +30,13 @@ from . import data as data_lib
 from . import dist
 from . import models as model_lib
 from . import optim as optim_lib
+from . import outer as outer_lib
+from . import ramps as ramp_lib
 from . import schedules as schedule_lib
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .engine import LocalSGD, SyncStats
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .metrics import MetricsLog, Progress, Tracker, human_bytes, summary_table
 from .sampler import ShardSampler
 from .testing.faults import FaultInjector
@@ -61,20 +63,25 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                                              getattr(cfg.optimizer, "decay_milestones", []))
     schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size, first_decay))
     plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
+    ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
     step_model: nn.Module = model
     ddp_comm = None
     if schedule is None:  # the DDP baseline
+        if cfg.outer.name != "average":
+            raise ConfigError(f"outer={cfg.outer.name} needs local SGD; schedule=ddp averages gradients instead")
         step_model, ddp_comm = wrap_ddp(model, cfg.schedule.bucket_cap_mb)
         sync = None
     else:
         sync = LocalSGD(model, plugin.optimizers, schedule, buffers=cfg.sync.buffers,
                         optimizer_state=cfg.sync.optimizer_state, on_nonfinite=cfg.sync.on_nonfinite,
                         max_skipped_rounds=cfg.sync.max_skipped_rounds, bucket_cap_mb=cfg.sync.bucket_cap_mb,
-                        extra_tensors=plugin.averaged_tensors(), config_hash=int(config_digest[:8], 16))
+                        extra_tensors=plugin.averaged_tensors(), config_hash=int(config_digest[:8], 16),
+                        outer=outer_lib.build(cfg.outer))
     sampler = ShardSampler(len(y_train), rank, world, tc.seed)
     # Different dropout/augmentation noise per rank, deterministic for the seed.
     seed_everything(tc.seed + 7919 * (rank + 1))
     ctx = optim_lib.StepContext(loss_fn=F.cross_entropy)
+    noise = NoiseScaleProbe(cfg.ramp, ramp, world) if cfg.ramp.name == "noise_scale" else None
     dist.set_timeout(cfg.comm.train_timeout_s)
 
     # ---- outputs and resume
@@ -88,6 +95,9 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             check_resumable(found.manifest, world, config_items)
             model_state, rank_state = ckpt.load(found)
             restore(model, plugin, sync, sampler, model_state, rank_state, ddp_comm)
+            ramp.load_state_dict(rank_state["ramp"])
+            if noise is not None:
+                noise.load_state_dict(rank_state["noise_scale"])
             start_step, wall_before = found.step, float(found.manifest.get("wall_seconds", 0.0))
             wandb_id = found.manifest.get("wandb_id")
             metrics.truncate_after(start_step)
@@ -107,15 +117,22 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         meta = {"config": config_items, "config_sha256": config_digest, "wandb_id": tracker.run_id,
                 "restart_count": dist.restart_count(), "torch": torch.__version__,
                 "wall_seconds": wall_before + time.perf_counter() - t_start, "schedule": describe(sync)}
-        ckpt.save(step, model.state_dict() if dist.is_main() else {},
-                  rank_checkpoint(step, model, plugin, sync, sampler, ddp_comm, cfg.sync.buffers == "local"),
-                  meta, fault_hook=lambda: faults.during_save(step))
+        rank_state = rank_checkpoint(step, model, plugin, sync, sampler, ddp_comm, cfg.sync.buffers == "local")
+        rank_state["ramp"] = ramp.state_dict()
+        if noise is not None:
+            rank_state["noise_scale"] = noise.state_dict()
+        ckpt.save(step, model.state_dict() if dist.is_main() else {}, rank_state, meta,
+                  fault_hook=lambda: faults.during_save(step))
 
     # ---- the loop: local steps, with the engine averaging when the schedule says so
     progress = Progress(tc.max_steps, start_step, tc.progress)
     window: list[optim_lib.StepOutput] = []  # reduced only when logged: no per-step host sync
     for step in range(start_step, tc.max_steps):
-        idx = sampler.next_indices(tc.batch_size)
+        batch_size = ramp.batch_size(step)
+        ctx.lr_scale = ramp.lr_factor(step) * (batch_size / tc.batch_size if tc.lr_batch_coupling else 1.0)
+        if noise is not None:  # the first local step after a sync: every replica is at the same point
+            ctx.after_backward = noise.hook(step, batch_size) if noise.due(sync) else None
+        idx = sampler.next_indices(batch_size)
         out = plugin.train_step(step_model, (x_train[idx], y_train[idx]), step, ctx)
         faults.after_step(step + 1, model)
         if sync is not None:
@@ -133,8 +150,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         if done % tc.log_every == 0 or done == tc.max_steps:
             record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
                       "accuracy": int(torch.stack([o.correct for o in window]).sum()) / sum(o.count for o in window),
-                      "lr": plugin.lr(step),
+                      "lr": plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
                       "samples": sampler.samples_seen * world, **comm_record(stats())}
+            if noise is not None:
+                record["b_simple"] = noise.last_b_simple
             metrics.write(record)
             tracker.log({k: v for k, v in record.items() if k != "event"}, step=done)
             progress.update(len(window), loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
@@ -162,6 +181,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         "wall_seconds": wall_before + time.perf_counter() - t_start,
         "world_size": world, "backend": dist.backend(), "schedule": describe(sync),
         "optimizer": cfg.optimizer.name, "data": cfg.data.name, "model": cfg.model.name,
+        "outer": cfg.outer.name, "ramp": ramp.describe(), "final_batch_size": ramp.batch_size(final_step - 1),
+        "noise_scale_bytes": 0 if noise is None else noise.bytes,
         "restart_count": dist.restart_count(), "run_dir": str(run_dir),
     }
     metrics.write({"event": "final", "step": final_step, **summary})
@@ -304,6 +325,50 @@ def install_preemption_handler(sync: LocalSGD | None) -> None:
         except ValueError:  # not the main thread (e.g. inside a test runner thread)
             pass
     return None
+
+
+# ---------------------------------------------------------------------- noise-scale measurement
+class NoiseScaleProbe:
+    """McCandlish et al. (arXiv 1812.06162, App. A.1) two-batch estimate at a common point.
+
+    Right after a sync all replicas hold the same parameters, so at the first local step of every
+    ``measure_every_rounds``-th round each worker's gradient (batch b) and the all-reduced mean
+    gradient (batch K·b) are the two batches of the estimator. One extra all-reduce of one gradient
+    (plus its squared norm) per measurement, counted in ``bytes``.
+    """
+
+    def __init__(self, cfg: Any, ramp: ramp_lib.BatchRamp, world: int) -> None:
+        if world < 2:
+            raise ConfigError("ramp=noise_scale needs >= 2 workers (the big batch is the all-reduced gradient)")
+        self.ramp, self.world, self.every = ramp, world, cfg.measure_every_rounds
+        self.estimator = ramp_lib.NoiseScaleEstimator(1, world, ema=cfg.ema)
+        self.bytes = 0
+        self.last_b_simple = float("nan")
+
+    def due(self, sync: LocalSGD | None) -> bool:
+        return sync is not None and sync.in_sync and sync.stats.rounds % self.every == 0
+
+    def hook(self, step: int, batch_size: int) -> Any:
+        def measure(model: nn.Module) -> None:
+            grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+            flat = torch.cat(grads).double()
+            buf = torch.cat([flat, flat.pow(2).sum().reshape(1)])
+            dist.all_reduce_sum_(buf, what="noise-scale gradient all-reduce")
+            self.bytes += buf.numel() * buf.element_size()
+            small = float(buf[-1]) / self.world  # mean over workers of |g_k|^2 (lower variance)
+            big = float((buf[:-1] / self.world).pow(2).sum())
+            self.estimator.update(small, big, b_small=batch_size, b_big=self.world * batch_size)
+            self.last_b_simple = self.estimator.b_simple()
+            self.ramp.observe_noise_scale(self.last_b_simple, step)
+
+        return measure
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimator": self.estimator.state_dict(), "bytes": self.bytes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.estimator.load_state_dict(state["estimator"])
+        self.bytes = int(state["bytes"])
 
 
 # ---------------------------------------------------------------------- the DDP baseline

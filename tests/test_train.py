@@ -245,3 +245,47 @@ def test_trainer_runs_issue_schedules_end_to_end(tmp_path: Path, schedule: list[
     assert s["schedule"] == described
     if described.startswith("post_local"):
         assert s["comm_rounds"] == 10 + 30 // 4 + 1  # H=1 until step 10, then every 4, then the final partial
+
+
+def test_identity_outer_optimizers_equal_plain_averaging_end_to_end(tmp_path: Path) -> None:
+    finals = {}
+    for outer in (["outer=average"], ["outer=nesterov", "outer.lr=1.0", "outer.momentum=0.0"],
+                  ["outer=slowmo", "outer.alpha=1.0", "outer.beta=0.0"]):
+        run = tmp_path / outer[0].split("=")[1]
+        proc = torchrun(tmp_path, run, [*TINY, "schedule.H=4", *outer])
+        assert proc.returncode == 0, output(proc)
+        finals[outer[0]] = _final_model(run, 40)
+    ref = finals.pop("outer=average")
+    for name, model in finals.items():
+        for k in ref:
+            torch.testing.assert_close(model[k], ref[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_batch_ramp_resume_after_a_kill_is_exact(tmp_path: Path) -> None:
+    args = [*KILL_RUN, "ramp=step", "ramp.milestones=[0.25,0.5]", "ramp.b_max=64"]
+    ref = torchrun(tmp_path, tmp_path / "ref", args)
+    assert ref.returncode == 0, output(ref)
+    hit = torchrun(tmp_path, tmp_path / "hit", args, max_restarts=1, LOCALSGD_FAULT="kill:rank=1,step=9")
+    assert hit.returncode == 0, output(hit)
+    batches = [r["batch_size"] for r in records(tmp_path / "hit", "train")]
+    assert batches == [16] * 4 + [32] * 4 + [64] * 8  # x2 at steps 4 and 8 (0-based), capped at b_max
+    a, b = _final_model(tmp_path / "ref", 16), _final_model(tmp_path / "hit", 16)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lrs = [r["lr"] for r in records(tmp_path / "hit", "train")]
+    assert lrs == [0.1] * 4 + [0.2] * 4 + [0.4] * 8  # linear LR coupling to the current batch
+
+
+def test_noise_scale_ramp_measures_and_logs(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = torchrun(tmp_path, run, [*TINY, "ramp=noise_scale", "ramp.measure_every_rounds=1", "schedule.H=2",
+                                    "checkpoint=off", "trainer.log_every=5"])
+    assert proc.returncode == 0, output(proc)
+    train = records(run, "train")
+    # Early two-batch estimates of tr(Σ) and |G|² are noisy (either EMA may still be <= 0: NaN);
+    # by the end both are positive and B_simple is a batch size.
+    assert len(train) == 8 and train[-1]["b_simple"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    n_params = 64 * 32 + 32 + 32 * 10 + 10
+    # one all-reduce of one float64 gradient (+ its squared norm) at the first step of each of the 20 rounds
+    assert summary["noise_scale_bytes"] == 20 * 8 * (n_params + 1)

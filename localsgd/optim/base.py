@@ -38,6 +38,10 @@ class StepContext:
 
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     next_val_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Multiplies the schedule's LR: batch-ramp LR factor x linear scaling with the current batch.
+    lr_scale: float = 1.0
+    # Called between backward and the optimizer step when set (the noise-scale measurement).
+    after_backward: Callable[[nn.Module], None] | None = None
 
 
 def lr_at(step: int, base_lr: float, *, warmup_steps: int, decay: str, total_steps: int,

@@ -98,7 +98,7 @@ class TorchOptimizerPlugin(OptimizerPlugin):
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
                    ctx: StepContext) -> StepOutput:
         opt = self.optimizers[0]
-        lr = self.lr(step)
+        lr = self.lr(step) * ctx.lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = batch
@@ -107,6 +107,8 @@ class TorchOptimizerPlugin(OptimizerPlugin):
         loss = ctx.loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if ctx.after_backward is not None:
+            ctx.after_backward(model)
         opt.step()
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == y).sum()

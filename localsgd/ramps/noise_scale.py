@@ -114,8 +114,12 @@ class NoiseScaleRamp(BatchRamp):
 
     name = "noise_scale"
 
-    def __init__(self, base_batch: int, total_steps: int, world_size: int, b_min: int | None, b_max: int) -> None:
+    def __init__(self, base_batch: int, total_steps: int, world_size: int, b_min: int | None, b_max: int,
+                 max_growth: float = 2.0) -> None:
         super().__init__(base_batch, total_steps)
+        if not max_growth > 1:
+            raise ValueError(f"ramp 'noise_scale' needs max_growth > 1, got {max_growth!r}")
+        self.max_growth = float(max_growth)
         if world_size < 1:
             raise ValueError(f"ramp 'noise_scale' needs world_size >= 1, got {world_size!r}")
         self.world_size = int(world_size)
@@ -147,7 +151,9 @@ class NoiseScaleRamp(BatchRamp):
         self.last_step = int(step)
         t = self.target(float(b_simple))
         if t is not None and t > self.current:
-            self.current = t
+            # At most x max_growth per measurement (ours): one noisy early estimate must not jump the
+            # batch (and, with linear LR coupling, the learning rate) straight to b_max.
+            self.current = min(t, max(self.current + 1, math.floor(self.current * self.max_growth)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "current": self.current, "last_b_simple": self.last_b_simple,
@@ -176,6 +182,7 @@ class NoiseScaleRampConfig:
     b_max: int = 4096
     ema: float = 0.95
     measure_every_rounds: int = 4
+    max_growth: float = 2.0  # ours: the batch grows at most this factor per measurement
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.b_min is not None and self.b_min < 1:
@@ -188,3 +195,5 @@ class NoiseScaleRampConfig:
             yield "ema", self.ema, "must be in [0, 1)"
         if self.measure_every_rounds < 1:
             yield "measure_every_rounds", self.measure_every_rounds, "must be >= 1"
+        if not self.max_growth > 1:
+            yield "max_growth", self.max_growth, "must be > 1"

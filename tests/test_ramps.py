@@ -1,0 +1,346 @@
+"""Batch ramps, Goyal LR coupling and the noise-scale estimator (schedules.md §6)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from localsgd.optim import lr_at
+from localsgd.ramps import (
+    RAMPS,
+    BatchRamp,
+    GeometricRampConfig,
+    LinearRampConfig,
+    NoiseScaleEstimator,
+    NoiseScaleRamp,
+    NoiseScaleRampConfig,
+    NoneRampConfig,
+    SmithRamp,
+    SmithRampConfig,
+    StepRampConfig,
+    build,
+    coupled_lr,
+    two_batch_estimates,
+)
+
+T = 1000  # total local steps of the ramps below
+
+DETERMINISTIC = [
+    NoneRampConfig(),
+    StepRampConfig(milestones=[0.3, 0.6, 0.9], factor=3.0, b_max=500),
+    LinearRampConfig(b_end=200, start=0.1, end=0.7),
+    GeometricRampConfig(factor=1.5, every_steps=70, b_max=700),
+    SmithRampConfig(milestones=[0.3, 0.6, 0.8], decay_factor=0.2, b_max=5000),
+]
+
+
+def _ids(cfgs: list) -> list[str]:
+    return [c.name for c in cfgs]
+
+
+# ---------------------------------------------------------------------------------------------- generic
+
+
+def test_every_ramp_is_registered_and_default_configs_are_valid() -> None:
+    assert RAMPS.names() == ["geometric", "linear", "noise_scale", "none", "smith", "step"]
+    for entry in RAMPS.entries():
+        cfg = entry.config_cls()
+        assert list(cfg.problems()) == [], entry.name
+        ramp = build(cfg, 32, T, world_size=4)
+        assert isinstance(ramp, BatchRamp) and ramp.name == entry.name
+        assert ramp.batch_size(0) >= 1 and ramp.lr_factor(0) == 1.0
+
+
+@pytest.mark.parametrize("cfg", DETERMINISTIC, ids=_ids(DETERMINISTIC))
+def test_batch_never_decreases_and_stays_under_b_max(cfg) -> None:
+    ramp = build(cfg, 32, T)
+    sizes = [ramp.batch_size(s) for s in range(T + 50)]
+    assert sizes[0] == 32
+    assert all(b2 >= b1 for b1, b2 in zip(sizes, sizes[1:]))
+    cap = getattr(cfg, "b_max", None) or getattr(cfg, "b_end", None)
+    if cap is not None:
+        assert max(sizes) <= cap
+    if cfg.name != "none":
+        assert max(sizes) > 32
+
+
+@pytest.mark.parametrize("cfg", DETERMINISTIC, ids=_ids(DETERMINISTIC))
+def test_state_round_trip(cfg) -> None:
+    ramp = build(cfg, 32, T)
+    other = build(cfg, 32, T)
+    other.load_state_dict(copy.deepcopy(ramp.state_dict()))
+    assert [other.batch_size(s) for s in range(T)] == [ramp.batch_size(s) for s in range(T)]
+    assert [other.lr_factor(s) for s in range(T)] == [ramp.lr_factor(s) for s in range(T)]
+    with pytest.raises(ValueError, match="checkpoint holds batch ramp"):
+        other.load_state_dict({"name": "something_else"})
+
+
+def test_negative_step_is_refused() -> None:
+    with pytest.raises(ValueError, match="step"):
+        build(NoneRampConfig(), 8, T).batch_size(-1)
+
+
+def test_step_ramp_values_and_cap() -> None:
+    ramp = build(StepRampConfig(milestones=[0.5, 0.75], factor=2.0), 16, T)
+    assert [ramp.batch_size(s) for s in (0, 499, 500, 749, 750, 999)] == [16, 16, 32, 32, 64, 64]
+    capped = build(StepRampConfig(milestones=[0.5, 0.75], factor=2.0, b_max=48), 16, T)
+    assert [capped.batch_size(s) for s in (0, 500, 750)] == [16, 32, 48]
+
+
+def test_linear_ramp_values() -> None:
+    ramp = build(LinearRampConfig(b_end=116, start=0.1, end=0.6), 16, T)  # steps 100..600
+    assert ramp.batch_size(0) == ramp.batch_size(100) == 16
+    assert ramp.batch_size(350) == 66  # halfway
+    assert ramp.batch_size(600) == ramp.batch_size(999) == 116
+    jump = build(LinearRampConfig(b_start=8, b_end=64, start=0.5, end=0.5), 16, T)
+    assert (jump.batch_size(499), jump.batch_size(500)) == (8, 64)
+
+
+def test_geometric_ramp_values_and_cap_without_overflow() -> None:
+    ramp = build(GeometricRampConfig(factor=2.0, every_steps=100, b_max=100), 10, 10**9)
+    assert [ramp.batch_size(s) for s in (0, 99, 100, 200, 300, 400)] == [10, 10, 20, 40, 80, 100]
+    assert ramp.batch_size(10**9 - 1) == 100  # 2**(10**7) would overflow a float
+
+
+# ------------------------------------------------------------------------------------------------ smith
+
+
+@pytest.mark.parametrize("decay_factor, b_max", [(0.2, 5000), (0.1, None), (0.3, 2000), (0.5, 128)])
+def test_smith_keeps_the_noise_scale_of_the_lr_decay_schedule(decay_factor: float, b_max: int | None) -> None:
+    """lr·N/b equals the LR-decay schedule's lr·N/b₀ at every step, within 1e-12 relative."""
+    n_data, base_lr, b0, milestones = 50_000, 0.1, 128, [0.3, 0.6, 0.8]
+    ramp = build(SmithRampConfig(milestones=milestones, decay_factor=decay_factor, b_max=b_max), b0, T)
+    assert isinstance(ramp, SmithRamp)
+    switch = ramp.switch_step()
+    for step in range(T):
+        original = lr_at(step, base_lr, warmup_steps=0, decay="step", total_steps=T, milestones=milestones,
+                         factor=decay_factor) * n_data / b0
+        ours = base_lr * ramp.lr_factor(step) * n_data / ramp.batch_size(step)
+        assert ours == pytest.approx(original, rel=1e-12), step
+        if switch is None or step < switch:
+            assert ramp.lr_factor(step) <= 1.0
+            if decay_factor in (0.2, 0.1):  # 1/f is an integer: the batch absorbs the whole decay
+                assert ramp.lr_factor(step) == 1.0
+        else:
+            assert ramp.batch_size(step) == b_max and ramp.lr_factor(step) < 1.0
+
+
+def test_smith_batches_and_switch_to_lr_decay() -> None:
+    # b0 = 128, ×5 at 300, 600, 800: 128 → 640 → 3200 → 16000 (capped at 5000, LR × 0.2³·5000/128)
+    ramp = build(SmithRampConfig(milestones=[0.3, 0.6, 0.8], decay_factor=0.2, b_max=5000), 128, T)
+    assert [ramp.batch_size(s) for s in (0, 299, 300, 600, 800)] == [128, 128, 640, 3200, 5000]
+    assert [ramp.lr_factor(s) for s in (0, 300, 600)] == [1.0, 1.0, 1.0]
+    assert ramp.lr_factor(800) == pytest.approx(0.2**3 * 5000 / 128, rel=1e-12)
+    assert ramp.switch_step() == 800
+    assert build(SmithRampConfig(b_max=None), 128, T).switch_step() is None
+
+
+# ---------------------------------------------------------------------------------------------- goyal
+
+
+def test_coupled_lr_warmup_and_linear_scaling() -> None:
+    base, ref, batch, warm = 0.1, 256, 8192, 50
+    target = base * batch / ref
+    assert coupled_lr(base, batch, ref, 0, warm) == base
+    assert coupled_lr(base, batch, ref, warm, warm) == pytest.approx(target, rel=1e-15)
+    assert coupled_lr(base, batch, ref, 500, warm) == pytest.approx(target, rel=1e-15)
+    values = [coupled_lr(base, batch, ref, s, warm) for s in range(warm + 1)]
+    steps = [b - a for a, b in zip(values, values[1:])]
+    assert all(d == pytest.approx((target - base) / warm, rel=1e-9) for d in steps)  # linear in between
+    assert coupled_lr(base, batch, ref, 0, 0) == pytest.approx(target)  # no warm-up
+
+
+def test_coupled_lr_follows_the_current_global_batch_of_a_ramp() -> None:
+    workers, base, ref = 4, 0.05, 128
+    ramp = build(GeometricRampConfig(factor=2.0, every_steps=100, b_max=256), 32, T)
+    for step in range(0, T, 7):
+        lr = coupled_lr(base, ramp.global_batch(step, workers), ref, step, warmup_steps=20)
+        if step >= 20:
+            assert lr == pytest.approx(base * workers * ramp.batch_size(step) / ref, rel=1e-15)
+    assert coupled_lr(base, ramp.global_batch(350, workers), ref, 350, 20) == pytest.approx(base * 4 * 256 / 128)
+
+
+@pytest.mark.parametrize("args", [(0.0, 8, 8, 0, 0), (0.1, 0, 8, 0, 0), (0.1, 8, 0, 0, 0), (0.1, 8, 8, -1, 0),
+                                  (0.1, 8, 8, 0, -1), (math.nan, 8, 8, 0, 0)])
+def test_coupled_lr_rejects_bad_arguments(args: tuple) -> None:
+    with pytest.raises(ValueError, match="coupled_lr"):
+        coupled_lr(*args)
+
+
+# ------------------------------------------------------------------------------------ noise-scale ramp
+
+
+def test_noise_scale_ramp_only_increases_and_clips() -> None:
+    ramp = build(NoiseScaleRampConfig(b_min=16, b_max=256), 16, T, world_size=8)
+    assert isinstance(ramp, NoiseScaleRamp)
+    assert ramp.batch_size(0) == 16
+    ramp.observe_noise_scale(8 * 40.4, step=10)  # round(40.4) = 40, but at most x2 per measurement
+    assert ramp.batch_size(11) == 32
+    ramp.observe_noise_scale(8 * 40.4, step=15)
+    assert ramp.batch_size(16) == 40
+    ramp.observe_noise_scale(8 * 20.0, step=20)  # a smaller estimate never lowers the batch
+    assert ramp.batch_size(21) == 40
+    for bad in (math.nan, math.inf, -5.0, 0.0):
+        ramp.observe_noise_scale(bad, step=30)
+        assert ramp.batch_size(31) == 40
+    growth = []
+    for k in range(4):
+        ramp.observe_noise_scale(1e30, step=40 + k)
+        growth.append(ramp.batch_size(41 + k))
+    assert growth == [80, 160, 256, 256]  # doubling, then capped at b_max
+    low = build(NoiseScaleRampConfig(b_min=24, b_max=256), 16, T, world_size=8)
+    assert low.batch_size(0) == 24  # b_min above the trainer's batch
+    low.observe_noise_scale(8.0, step=0)
+    assert low.batch_size(1) == 24
+
+
+def test_noise_scale_ramp_is_monotone_under_random_estimates_and_round_trips() -> None:
+    gen = torch.Generator().manual_seed(5)
+    ramp = build(NoiseScaleRampConfig(b_max=512), 32, T, world_size=4)
+    sizes = []
+    for step in range(0, 400, 4):
+        ramp.observe_noise_scale(float(torch.rand(1, generator=gen)) * 3000, step)
+        sizes.append(ramp.batch_size(step))
+        if step == 200:
+            saved = copy.deepcopy(ramp.state_dict())
+            at_save = ramp.batch_size(step)
+    assert all(b2 >= b1 for b1, b2 in zip(sizes, sizes[1:])) and max(sizes) <= 512
+    restored = build(NoiseScaleRampConfig(b_max=512), 32, T, world_size=4)
+    restored.load_state_dict(saved)
+    assert restored.batch_size(201) == at_save and restored.last_step == 200
+    ramp2 = build(NoiseScaleRampConfig(b_max=512), 32, T, world_size=4)
+    ramp2.load_state_dict(saved)
+    for b_simple in (100.0, 1500.0, 900.0):
+        restored.observe_noise_scale(b_simple, 300)
+        ramp2.observe_noise_scale(b_simple, 300)
+        assert restored.batch_size(300) == ramp2.batch_size(300)
+
+
+# --------------------------------------------------------------------------------- noise-scale estimator
+
+
+def _draw(gen: torch.Generator, n: int, workers: int, b: int, d: int, sigma2: float,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """n measurements: per-example gradients g_i = e₁ + ξ_i, ξ ~ N(0, σ²I); returns (mean_k |g_k|², |ḡ|²)."""
+    g = torch.randn(n, workers, b, d, generator=gen, dtype=dtype) * math.sqrt(sigma2)
+    g[..., 0] += 1.0
+    per_worker = g.mean(dim=2)  # (n, K, d): each worker's mean over its b examples
+    small = per_worker.square().sum(-1).mean(-1)  # mean over workers of |G_small|²
+    big = g.mean(dim=(1, 2)).square().sum(-1)  # |G_big|², the mean over all K·b examples
+    return small, big
+
+
+def test_noise_scale_estimate_within_5_percent_on_synthetic_gradients() -> None:
+    """G = e₁, Σ = 0.01·I, d = 1000 ⇒ B_simple = 10. The ±5 % tolerance is ours (schedules.md §6.3)."""
+    gen = torch.Generator().manual_seed(1234)
+    est = NoiseScaleEstimator(b_small=8, b_big=64, ema=0.95)
+    assert math.isnan(est.b_simple())
+    for _ in range(20):  # 20 chunks of 100 = 2000 updates
+        small, big = _draw(gen, 100, workers=8, b=8, d=1000, sigma2=0.01, dtype=torch.float32)
+        for s, b in zip(small.tolist(), big.tolist()):
+            est.update(s, b)
+    assert est.count == 2000
+    assert est.b_simple() == pytest.approx(10.0, rel=0.05)
+    assert est.trace_sigma() == pytest.approx(10.0, rel=0.05)
+    assert est.grad_sq() == pytest.approx(1.0, rel=0.05)
+
+
+def test_two_batch_estimates_are_unbiased() -> None:
+    """Means over 10⁴ draws within 3 standard errors of tr Σ and |G|² (d = 50, σ² = 0.1: tr Σ = 5)."""
+    gen = torch.Generator().manual_seed(99)
+    grad_sq, trace = [], []
+    for _ in range(10):
+        small, big = _draw(gen, 1000, workers=8, b=8, d=50, sigma2=0.1, dtype=torch.float64)
+        g2, s = two_batch_estimates(small, big, 8, 64)
+        grad_sq.append(g2)
+        trace.append(s)
+    for values, truth in ((torch.cat(grad_sq), 1.0), (torch.cat(trace), 5.0)):
+        assert values.numel() == 10_000
+        se = float(values.std()) / math.sqrt(values.numel())
+        assert abs(float(values.mean()) - truth) < 3 * se, (float(values.mean()), truth, se)
+
+
+def test_estimator_nan_until_both_emas_positive_and_bias_correction() -> None:
+    est = NoiseScaleEstimator(b_small=4, b_big=16, ema=0.9)
+    assert math.isnan(est.b_simple()) and math.isnan(est.grad_sq())
+    # |𝒢|² = (16·0.5 − 4·3.0)/12 < 0 → no ratio yet
+    est.update(3.0, 0.5)
+    assert est.last_grad_sq < 0 and math.isnan(est.b_simple())
+    est2 = NoiseScaleEstimator(b_small=4, b_big=16, ema=0.9)
+    est2.update(3.0, 1.5)  # |𝒢|² = (24 − 12)/12 = 1; 𝒮 = 1.5/(1/4 − 1/16) = 8
+    assert est2.grad_sq() == pytest.approx(1.0) and est2.trace_sigma() == pytest.approx(8.0)  # bias-corrected
+    assert est2.b_simple() == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        est2.update(math.nan, 1.0)
+
+
+def test_estimator_batch_override_and_state_round_trip() -> None:
+    est = NoiseScaleEstimator(b_small=4, b_big=16)
+    est.update(3.0, 1.5)
+    est.update(2.0, 1.25, b_small=8, b_big=32)  # the batch ramp doubled b
+    assert (est.b_small, est.b_big) == (8, 32)
+    g2, s = two_batch_estimates(2.0, 1.25, 8, 32)
+    assert (est.last_grad_sq, est.last_trace_sigma) == (g2, s)
+    other = NoiseScaleEstimator(b_small=4, b_big=16)
+    other.load_state_dict(copy.deepcopy(est.state_dict()))
+    est.update(2.5, 1.0)
+    other.update(2.5, 1.0)
+    assert other.state_dict() == est.state_dict() and other.b_simple() == est.b_simple()
+    with pytest.raises(ValueError, match="EMA"):
+        NoiseScaleEstimator(4, 16, ema=0.5).load_state_dict(est.state_dict())
+    with pytest.raises(ValueError, match="b_small < b_big"):
+        NoiseScaleEstimator(b_small=8, b_big=8)
+    with pytest.raises(ValueError, match="ema"):
+        NoiseScaleEstimator(4, 16, ema=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    "cfg, fields",
+    [
+        (StepRampConfig(milestones=[0.0, 0.5]), ["milestones"]),
+        (StepRampConfig(milestones=[1.5]), ["milestones"]),
+        (StepRampConfig(factor=0.5), ["factor"]),
+        (StepRampConfig(b_max=0), ["b_max"]),
+        (LinearRampConfig(b_start=0), ["b_start"]),
+        (LinearRampConfig(b_end=0), ["b_end"]),
+        (LinearRampConfig(b_start=64, b_end=32), ["b_end"]),
+        (LinearRampConfig(start=-0.1), ["start"]),
+        (LinearRampConfig(start=0.6, end=0.5), ["end"]),
+        (LinearRampConfig(end=1.5), ["end"]),
+        (GeometricRampConfig(factor=0.9), ["factor"]),
+        (GeometricRampConfig(every_steps=0), ["every_steps"]),
+        (GeometricRampConfig(b_max=None), ["b_max"]),  # type: ignore[arg-type]
+        (SmithRampConfig(decay_factor=0.0), ["decay_factor"]),
+        (SmithRampConfig(decay_factor=2.0), ["decay_factor"]),
+        (SmithRampConfig(milestones=[0.5, 2.0]), ["milestones"]),
+        (SmithRampConfig(b_max=-3), ["b_max"]),
+        (NoiseScaleRampConfig(b_min=0), ["b_min"]),
+        (NoiseScaleRampConfig(b_max=0), ["b_max"]),
+        (NoiseScaleRampConfig(b_min=64, b_max=32), ["b_max"]),
+        (NoiseScaleRampConfig(ema=1.0), ["ema"]),
+        (NoiseScaleRampConfig(measure_every_rounds=0), ["measure_every_rounds"]),
+    ],
+)
+def test_bad_configs_are_named(cfg, fields: list[str]) -> None:
+    assert [p[0] for p in cfg.problems()] == fields
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (StepRampConfig(b_max=16), "b_max=16 is below"),
+        (GeometricRampConfig(b_max=16), "b_max=16 is below"),
+        (SmithRampConfig(b_max=16), "b_max=16 is below"),
+        (NoiseScaleRampConfig(b_max=16), "b_max=16 is below"),
+        (LinearRampConfig(b_end=16), "b_start <= b_end"),
+    ],
+)
+def test_builders_check_against_the_base_batch(cfg, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build(cfg, 32, T)
