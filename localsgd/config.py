@@ -3,7 +3,8 @@
 The root :class:`TrainConfig` has one field per config group (``data``, ``model``, ``optimizer``,
 ``schedule``, ``outer``, ``ramp``, ``trainer``, ``logging``, ``checkpoint``) plus the ``sync`` and
 ``comm`` sections. Polymorphic groups (data, model, optimizer, schedule, outer, ramp) take the
-dataclass of the chosen registry entry, stored as ``<group>/<name>_schema`` and extended by ``configs/<group>/<name>.yaml``.
+dataclass of the chosen registry entry, stored as ``<group>/<name>_schema`` and extended by
+``configs/<group>/<name>.yaml``.
 
 Validation happens before any process group exists (``conventions.md`` §5.2, ``reliability.md`` T8):
 Hydra rejects wrong types and unknown keys; :func:`check_config` additionally rejects keys that
