@@ -127,9 +127,12 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     # ---- the loop: local steps, with the engine averaging when the schedule says so
     progress = Progress(tc.max_steps, start_step, tc.progress)
     window: list[optim_lib.StepOutput] = []  # reduced only when logged: no per-step host sync
+    # Linear LR scaling with the current batch (Goyal et al.), except for Smith's ramp, whose point is
+    # to grow the batch *instead of* changing the LR (it sets its own LR factor once b_max is hit).
+    couple_lr = tc.lr_batch_coupling and cfg.ramp.name != "smith"
     for step in range(start_step, tc.max_steps):
         batch_size = ramp.batch_size(step)
-        ctx.lr_scale = ramp.lr_factor(step) * (batch_size / tc.batch_size if tc.lr_batch_coupling else 1.0)
+        ctx.lr_scale = ramp.lr_factor(step) * (batch_size / tc.batch_size if couple_lr else 1.0)
         if noise is not None:  # the first local step after a sync: every replica is at the same point
             ctx.after_backward = noise.hook(step, batch_size) if noise.due(sync) else None
         idx = sampler.next_indices(batch_size)
