@@ -127,6 +127,15 @@ def world_size() -> int:
 _LOCAL_RANK = 0
 
 
+def group_rank(group: Any = None) -> int:
+    """This process's rank within ``group`` (the default group when None)."""
+    return tdist.get_rank(group) if is_initialized() else 0
+
+
+def group_size(group: Any = None) -> int:
+    return tdist.get_world_size(group) if is_initialized() else 1
+
+
 def local_rank() -> int:
     return _LOCAL_RANK
 

@@ -147,6 +147,8 @@ class LocalSGD:
         self.stats = SyncStats()
         self.local_step = 0  # optimizer steps completed on this rank
         self.last_sync_step = 0
+        self.last_global_sync_step = 0  # replicas are identical everywhere only after a global sync
+        self._subgroup = self._make_subgroup()
         self.stop_requested = False  # set locally (e.g. on SIGTERM); all-reduced at the next sync
         self.stop_agreed = False  # True once any rank asked to stop, known at a sync
         self._first_nonfinite = -1  # first local step whose loss was non-finite on this rank
@@ -159,6 +161,21 @@ class LocalSGD:
         self._reset_global_copy()
         if on_nonfinite == "skip_round":
             self._take_snapshot()
+
+    def _make_subgroup(self) -> Any:
+        """Groups of consecutive ranks for hierarchical schedules (every rank creates every group)."""
+        size = getattr(self.schedule, "group_size", None)
+        if size is None or not hasattr(self.schedule, "is_global"):
+            return None
+        world = dist.group_size(self.group)
+        if self.group is not None or world % size:
+            raise ValueError(f"hierarchical schedule: world size {world} is not a multiple of group_size {size} "
+                             "(or a custom process_group was given)")
+        if self.outer is not None and getattr(self.outer, "needs_global_copy", False):
+            raise ValueError("an outer optimizer with a hierarchical schedule is not supported yet")
+        if world == 1:
+            return None
+        return dist.new_subgroups([list(range(s, s + size)) for s in range(0, world, size)])
 
     # ------------------------------------------------------------------ layout
     def _averaged_buffers(self) -> list[torch.Tensor]:
@@ -239,7 +256,7 @@ class LocalSGD:
 
     def finalize(self) -> bool:
         """Average a partial last round so every replica ends identical. Returns True if it averaged."""
-        if self.local_step == self.last_sync_step and self.stats.rounds > 0:
+        if self.local_step == self.last_global_sync_step and self.stats.rounds > 0:
             return False
         self._sync(advance_schedule=False)
         return True
@@ -247,7 +264,7 @@ class LocalSGD:
     @property
     def in_sync(self) -> bool:
         """True when no local step was taken since the last average (replicas are identical)."""
-        return self.local_step == self.last_sync_step and (self.stats.rounds > 0 or self.local_step == 0)
+        return self.local_step == self.last_global_sync_step and (self.stats.rounds > 0 or self.local_step == 0)
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
@@ -262,7 +279,7 @@ class LocalSGD:
         saved = [g.flat.clone() for g in self._groups]
         buffer_copies = [[b.clone() for b in g.buffers] for g in self._groups]
         try:
-            self._average_groups()
+            self._average_groups(self.group)
             self.stats.eval_bytes += self.payload_bytes
             yield
         finally:
@@ -305,10 +322,13 @@ class LocalSGD:
         return -1
 
     def _fingerprint(
-        self, nonfinite_step: int, next_h: int
+        self, nonfinite_step: int, next_h: int, group: Any = None
     ) -> tuple[dict[str, tuple[int, int]], dict[int, int], list[int], bool, list[int]]:
-        """One MAX all-reduce that checks agreement, gathers NaN flags and the stop flag."""
-        world, me = dist.world_size(), dist.rank()
+        """One MAX all-reduce that checks agreement, gathers NaN flags and the stop flag.
+
+        Ranks in the returned maps are ranks within ``group``.
+        """
+        world, me = dist.group_size(group), dist.group_rank(group)
         v = [self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h]
         n_int = len(self._int_buffer_list)
         device = self._groups[0].flat.device if self._groups else torch.device("cpu")
@@ -327,7 +347,7 @@ class LocalSGD:
         vec[loss_slots + me] = torch.tensor(mean, dtype=torch.float64).view(torch.int64)
         if n_int:
             vec[loss_slots + world :] = torch.stack([b.reshape(()).to(torch.int64) for b in self._int_buffer_list])
-        dist.all_reduce_max_(vec, group=self.group, what="LocalSGD agreement check")
+        dist.all_reduce_max_(vec, group=group, what="LocalSGD agreement check")
         self.stats.check_bytes += vec.numel() * vec.element_size()
         out = vec.tolist()
         hi, lo = out[: len(v)], [-x for x in out[len(v) : 2 * len(v)]]
@@ -343,19 +363,19 @@ class LocalSGD:
         ints = out[loss_slots + world :]
         return disagree, bad, odd, stop, ints
 
-    def _average_groups(self) -> None:
-        """Sum every bucket across ranks (all started before any is awaited), then scale."""
-        world = dist.world_size() if self.group is None else torch.distributed.get_world_size(self.group)
+    def _average_groups(self, group: Any = None) -> None:
+        """Sum every bucket across ``group`` (all started before any is awaited), then scale."""
+        world = dist.group_size(group)
         with torch.no_grad():
             for g in self._groups:
                 for b, view in zip(g.buffers, g.buffer_views()):
                     view.copy_(b)
-                if self.buffer_policy == "broadcast" and dist.rank() != 0 and g.buffers:
+                if self.buffer_policy == "broadcast" and dist.group_rank(group) != 0 and g.buffers:
                     g.flat[g.param_numel :].zero_()  # rank 0's buffers survive the sum unscaled
             handles = []
             for g in self._groups:
                 for s, e in g.buckets:
-                    handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=self.group))
+                    handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=group))
             for h in handles:
                 dist.wait(h, "LocalSGD parameter average")
             if world > 1:
@@ -379,7 +399,7 @@ class LocalSGD:
                             out.append(value)
         return out
 
-    def _apply_optimizer_state_policy(self) -> None:
+    def _apply_optimizer_state_policy(self, group: Any = None) -> None:
         if self.optimizer_state_policy == "keep" or not self.optimizers:
             return
         if self.optimizer_state_policy == "reset":
@@ -389,14 +409,14 @@ class LocalSGD:
         tensors = self._optimizer_state_tensors()
         if not tensors:
             return
-        world = dist.world_size()
+        world = dist.group_size(group)
         by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for t in tensors:
             by_key.setdefault((t.device, t.dtype), []).append(t)
         with torch.no_grad():
             for ts in by_key.values():
                 flat = torch.cat([t.reshape(-1) for t in ts])
-                dist.all_reduce_sum_(flat, group=self.group, what="LocalSGD optimizer-state average")
+                dist.all_reduce_sum_(flat, group=group, what="LocalSGD optimizer-state average")
                 flat.div_(world)
                 self.stats.bytes += flat.numel() * flat.element_size()
                 offset = 0
@@ -407,11 +427,16 @@ class LocalSGD:
     def _sync(self, advance_schedule: bool = True) -> None:
         start = time.perf_counter()
         self._check_layout()
+        # A hierarchical schedule averages within this rank's group except at its global steps;
+        # finalize() always averages globally.
+        is_global = self._subgroup is None or not advance_schedule or self.schedule.is_global(self.local_step)
+        group = self.group if is_global else self._subgroup
         next_h = self.schedule.fingerprint() if advance_schedule else 0
-        disagree, bad, odd, stop, ints = self._fingerprint(self._local_nonfinite_step(), next_h)
+        disagree, bad, odd, stop, ints = self._fingerprint(self._local_nonfinite_step(), next_h, group)
         if disagree:
             raise ScheduleDisagreementError(disagree, odd, self.local_step)
-        self.stop_agreed = self.stop_agreed or stop
+        if is_global:  # a stop must be agreed by every rank, so only a global sync can decide it
+            self.stop_agreed = self.stop_agreed or stop
         if bad:
             self._handle_nonfinite(bad)
             if advance_schedule:
@@ -422,13 +447,15 @@ class LocalSGD:
         with torch.no_grad():
             for b, value in zip(self._int_buffer_list, ints):
                 b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
-        self._average_groups()
+        self._average_groups(group)
         if self.outer is not None:
             self._outer_step()
-        self._apply_optimizer_state_policy()
+        self._apply_optimizer_state_policy(group)
         self.stats.rounds += 1
         self.stats.bytes += self.payload_bytes
         self.last_sync_step = self.local_step
+        if is_global:
+            self.last_global_sync_step = self.local_step
         self._consecutive_skips = 0
         if advance_schedule:
             # Adaptive schedules see only all-reduced values, so every rank decides alike.
@@ -481,6 +508,7 @@ class LocalSGD:
         return {
             "local_step": self.local_step,
             "last_sync_step": self.last_sync_step,
+            "last_global_sync_step": self.last_global_sync_step,
             "stats": self.stats.state_dict(),
             "schedule": self.schedule.state_dict(),
             "consecutive_skips": self._consecutive_skips,
@@ -490,6 +518,7 @@ class LocalSGD:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.local_step = int(state["local_step"])
         self.last_sync_step = int(state["last_sync_step"])
+        self.last_global_sync_step = int(state.get("last_global_sync_step", self.last_sync_step))
         self.stats.load_state_dict(state["stats"])
         self.schedule.load_state_dict(state["schedule"])
         self._consecutive_skips = int(state.get("consecutive_skips", 0))

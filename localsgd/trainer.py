@@ -61,7 +61,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
     first_decay = optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
                                              getattr(cfg.optimizer, "decay_milestones", []))
-    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size, first_decay))
+    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size, first_decay,
+                                                                      dist.local_world_size()))
     plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
     step_model: nn.Module = model
@@ -144,7 +145,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             synced = ddp_comm.step()  # type: ignore[union-attr]
         window.append(out)
         done = step + 1
-        if synced and stats().rounds % cfg.checkpoint.every_rounds == 0:
+        # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
+        if synced and (sync is None or sync.in_sync) and stats().rounds % cfg.checkpoint.every_rounds == 0:
             save(done)
         if sync is not None and sync.stop_agreed:
             save(done)

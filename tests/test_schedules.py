@@ -194,3 +194,51 @@ def test_adaptive_decisions_agree_across_ranks_and_survive_resume() -> None:
     assert taus[0] == taus[1] and len(set(taus[0])) > 1  # identical, and it actually adapted
     assert reports[0]["loss"] == reports[1]["loss"]  # the all-reduced loss, bit-identical on both ranks
     assert all(r["resumed"] for r in reports)
+
+
+def _hierarchical(rank: int, world: int) -> dict:
+    """4 ranks as 2 'nodes' x 2: group averages every 2 steps, global every 6."""
+    from localsgd.schedules import Hierarchical
+
+    d, lr = 4, 0.05
+    g = torch.Generator().manual_seed(9)
+    m = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A, b = m @ m.T / d + torch.eye(d, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    noise = torch.randn(20, world, d, generator=g, dtype=torch.float64)
+    x = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    holder = nn.Module()
+    holder.x = x
+    opt = torch.optim.SGD([x], lr=lr)
+    sync = localsgd.LocalSGD(holder, opt, schedule=Hierarchical(H_group=2, H_global=6, group_size=2))
+    y = torch.zeros(d, dtype=torch.float64)
+    events, worst = [], 0.0
+    for t in range(20):
+        opt.zero_grad()
+        x.grad = A @ x.detach() - b + noise[t, rank]
+        opt.step()
+        y = y - lr * (A @ y - b + noise[t].mean(0))
+        if sync.step():
+            out: list = [None] * world
+            tdist.all_gather_object(out, x.detach().clone())
+            same_group = torch.equal(out[0], out[1]) and torch.equal(out[2], out[3])
+            all_same = all(torch.equal(o, out[0]) for o in out)
+            events.append((t + 1, same_group, all_same, sync.in_sync))
+            if all_same:
+                worst = max(worst, float((x.detach() - y).abs().max()))
+    sync.finalize()
+    out = [None] * world
+    tdist.all_gather_object(out, x.detach().clone())
+    return {"events": events, "worst": worst, "final_same": all(torch.equal(o, out[0]) for o in out),
+            "rounds": sync.stats.rounds, "bytes": sync.stats.bytes}
+
+
+def test_hierarchical_averages_within_nodes_and_globally_on_four_ranks() -> None:
+    reports = run_ok(_hierarchical, 4, timeout_s=120)
+    events = reports[0]["events"]
+    assert [e[0] for e in events] == list(range(2, 21, 2))
+    for step, same_group, all_same, in_sync in events:
+        assert same_group
+        assert all_same == in_sync == (step % 6 == 0), step  # groups differ between global syncs
+    assert reports[0]["worst"] < 1e-10  # global averages are mini-batch SGD exactly (linearity)
+    assert all(r["final_same"] for r in reports)
+    assert reports[0]["rounds"] == 11 and reports[0]["bytes"] == 11 * 4 * 8  # 10 syncs + finalize

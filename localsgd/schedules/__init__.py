@@ -14,13 +14,14 @@ from ..registry import Registry
 from .adacomm import AdaComm, AdaCommConfig
 from .base import SyncSchedule
 from .fixed import DDPConfig, Fixed, FixedConfig, OneShot, OneShotConfig
+from .hierarchical import Hierarchical, HierarchicalConfig
 from .lupa import QSR, Lupa, LupaConfig, QSRConfig
 from .patel_dieuleveut import AdaptivePD, PatelDieuleveut, PatelDieuleveutConfig
 from .post_local import PostLocal, PostLocalConfig
 from .stich import Stich, StichConfig
 
 __all__ = ["SyncSchedule", "Fixed", "OneShot", "Stich", "PatelDieuleveut", "AdaptivePD", "PostLocal", "AdaComm",
-           "Lupa", "QSR", "SCHEDULES", "build", "RunInfo"]
+           "Lupa", "QSR", "Hierarchical", "SCHEDULES", "build", "RunInfo"]
 
 SCHEDULES: Registry[SyncSchedule | None] = Registry("schedule")
 
@@ -29,11 +30,12 @@ class RunInfo:
     """What a schedule may know about the run when it is built (all equal on every rank)."""
 
     def __init__(self, total_local_steps: int, world_size: int, batch_size: int,
-                 first_lr_decay_step: int | None = None) -> None:
+                 first_lr_decay_step: int | None = None, local_world_size: int = 1) -> None:
         self.total_local_steps = total_local_steps
         self.world_size = world_size
         self.batch_size = batch_size
         self.first_lr_decay_step = first_lr_decay_step
+        self.local_world_size = local_world_size
 
 
 @SCHEDULES.register("fixed", FixedConfig)
@@ -82,6 +84,11 @@ def _adacomm(cfg: AdaCommConfig, run: RunInfo) -> SyncSchedule:
 @SCHEDULES.register("lupa", LupaConfig)
 def _lupa(cfg: LupaConfig, run: RunInfo) -> SyncSchedule:
     return Lupa(cfg.tau, cfg.rounds, run.total_local_steps)
+
+
+@SCHEDULES.register("hierarchical", HierarchicalConfig)
+def _hierarchical(cfg: HierarchicalConfig, run: RunInfo) -> SyncSchedule:
+    return Hierarchical(cfg.H_group, cfg.H_global, cfg.group_size or run.local_world_size)
 
 
 @SCHEDULES.register("qsr", QSRConfig)
