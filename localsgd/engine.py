@@ -216,14 +216,15 @@ class LocalSGD:
         self.payload_bytes = sum(g.flat.numel() * g.flat.element_size() for g in self._groups)
         self.elements = sum(g.flat.numel() for g in self._groups)
 
-    def _param_views(self) -> list[torch.Tensor]:
+    def param_buffers(self) -> list[torch.Tensor]:
+        """The flat parameter buffers (one per device and dtype); the parameters are views of them."""
         return [g.flat[: g.param_numel] for g in self._groups]
 
     def _reset_global_copy(self) -> None:
         # Outer optimizers need x_t; at construction, after a load and after a sync it equals the
         # current (identical) parameters, so it never has to be checkpointed.
         if self.outer is not None and getattr(self.outer, "needs_global_copy", True):
-            self._global = [v.detach().clone() for v in self._param_views()]
+            self._global = [v.detach().clone() for v in self.param_buffers()]
 
     def _check_layout(self) -> None:
         # Cheap pointer comparison; a model moved or re-materialised after wrapping gets a new layout.
@@ -237,7 +238,7 @@ class LocalSGD:
         if not same:
             self._build_layout()
             if self._global is not None and [t.numel() for t in self._global] != [
-                    v.numel() for v in self._param_views()]:
+                    v.numel() for v in self.param_buffers()]:
                 self._reset_global_copy()
 
     # ------------------------------------------------------------------ public API
@@ -466,7 +467,7 @@ class LocalSGD:
         self.stats.seconds += time.perf_counter() - start
 
     def _outer_step(self) -> None:
-        averaged = self._param_views()
+        averaged = self.param_buffers()
         with torch.no_grad():
             self.outer.step(self._global or [], averaged, inner_lr=self._current_lr() or 1.0)
             if self._global is not None:

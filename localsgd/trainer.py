@@ -39,6 +39,7 @@ from .engine import LocalSGD, SyncStats
 from .errors import CheckpointError, ConfigError
 from .metrics import MetricsLog, Progress, Tracker, human_bytes, summary_table
 from .sampler import ShardSampler
+from .schedules.stich import WeightedIterateAverage, stich_lr
 from .testing.faults import FaultInjector
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after committing a checkpoint; rerun to resume
@@ -83,6 +84,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     seed_everything(tc.seed + 7919 * (rank + 1))
     ctx = optim_lib.StepContext(loss_fn=F.cross_entropy)
     noise = NoiseScaleProbe(cfg.ramp, ramp, world) if cfg.ramp.name == "noise_scale" else None
+    stich = None  # Stich's step size and weighted iterate average (schedule=stich, paper_lr=true)
+    if cfg.schedule.name == "stich" and cfg.schedule.paper_lr:
+        a = schedule.shift(cfg.schedule.mu, cfg.schedule.L)  # type: ignore[union-attr]
+        stich = WeightedIterateAverage(sync.param_buffers(), a)  # type: ignore[union-attr]
     dist.set_timeout(cfg.comm.train_timeout_s)
 
     # ---- outputs and resume
@@ -99,6 +104,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             ramp.load_state_dict(rank_state["ramp"])
             if noise is not None:
                 noise.load_state_dict(rank_state["noise_scale"])
+            if stich is not None:
+                stich.load_state_dict(rank_state["stich"])
             start_step, wall_before = found.step, float(found.manifest.get("wall_seconds", 0.0))
             wandb_id = found.manifest.get("wandb_id")
             metrics.truncate_after(start_step)
@@ -122,6 +129,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         rank_state["ramp"] = ramp.state_dict()
         if noise is not None:
             rank_state["noise_scale"] = noise.state_dict()
+        if stich is not None:
+            rank_state["stich"] = stich.state_dict()
         ckpt.save(step, model.state_dict() if dist.is_main() else {}, rank_state, meta,
                   fault_hook=lambda: faults.during_save(step))
 
@@ -136,6 +145,9 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         ctx.lr_scale = ramp.lr_factor(step) * (batch_size / tc.batch_size if couple_lr else 1.0)
         if noise is not None:  # the first local step after a sync: every replica is at the same point
             ctx.after_backward = noise.hook(step, batch_size) if noise.due(sync) else None
+        if stich is not None:
+            stich.accumulate(sync.param_buffers(), step)  # type: ignore[union-attr]
+            ctx.lr_override = stich_lr(step, cfg.schedule.mu, stich.a)
         idx = sampler.next_indices(batch_size)
         out = plugin.train_step(step_model, (x_train[idx], y_train[idx]), step, ctx)
         faults.after_step(step + 1, model)
@@ -155,7 +167,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         if done % tc.log_every == 0 or done == tc.max_steps:
             record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
                       "accuracy": int(torch.stack([o.correct for o in window]).sum()) / sum(o.count for o in window),
-                      "lr": plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
+                      "lr": ctx.lr_override or plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
                       "samples": sampler.samples_seen * world, **comm_record(stats())}
             if noise is not None:
                 record["b_simple"] = noise.last_b_simple
@@ -172,6 +184,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
     if sync is not None:
         sync.finalize()
+    if stich is not None and start_step < tc.max_steps:  # the output is x̂_T, not the last iterate
+        sync.stats.bytes += stich.finalize_into(sync.param_buffers())  # type: ignore[union-attr]
     final_step = max(start_step, tc.max_steps)
     ev = evaluate_averaged(model, sync, dataset, tc.eval_batch_size, device)
     if cfg.checkpoint.enable and start_step < tc.max_steps:

@@ -242,3 +242,52 @@ def test_hierarchical_averages_within_nodes_and_globally_on_four_ranks() -> None
     assert reports[0]["worst"] < 1e-10  # global averages are mini-batch SGD exactly (linearity)
     assert all(r["final_same"] for r in reports)
     assert reports[0]["rounds"] == 11 and reports[0]["bytes"] == 11 * 4 * 8  # 10 syncs + finalize
+
+
+def test_stich_weights_sum_at_least_t_cubed_over_three() -> None:
+    for a in (1.0, 16.0, 250.0):
+        for T in (1, 10, 1000):
+            assert sum((a + t) ** 2 for t in range(T)) >= T**3 / 3
+
+
+def test_stich_step_size_and_shift() -> None:
+    from localsgd.schedules.stich import stich_lr
+
+    s = Stich(total_steps=10_000, workers=4, batch_size=1)  # H = 50
+    assert s.shift(mu=0.1, L=1.0) == 160.0  # 16 kappa > H
+    assert s.shift(mu=1.0, L=2.0) == 50  # H > 16 kappa
+    assert stich_lr(0, 0.1, 160.0) == pytest.approx(4 / (0.1 * 160))
+    assert stich_lr(40, 0.1, 160.0) == pytest.approx(4 / (0.1 * 200))
+
+
+def _weighted_average(rank: int, world: int) -> float:
+    from localsgd.schedules.stich import WeightedIterateAverage
+
+    d, steps, a = 3, 23, 7.0
+    g = torch.Generator().manual_seed(4)
+    A, b = torch.eye(d, dtype=torch.float64) * 0.5, torch.randn(d, generator=g, dtype=torch.float64)
+    noise = torch.randn(steps, world, d, generator=g, dtype=torch.float64)
+    x = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+    holder = nn.Module()
+    holder.x = x
+    opt = torch.optim.SGD([x], lr=0.1)
+    sync = localsgd.LocalSGD(holder, opt, schedule=Fixed(4))
+    avg = WeightedIterateAverage(sync.param_buffers(), a)
+    brute = torch.zeros(d, dtype=torch.float64)
+    for t in range(steps):
+        avg.accumulate(sync.param_buffers(), t)
+        out: list = [None] * world
+        tdist.all_gather_object(out, x.detach().clone())
+        brute += (a + t) ** 2 * torch.stack(out).mean(0)  # w_t x̄_t from every worker's iterate
+        opt.zero_grad()
+        x.grad = A @ x.detach() - b + noise[t, rank]
+        opt.step()
+        sync.step()
+    sync.finalize()
+    avg.finalize_into(sync.param_buffers())
+    expected = brute / sum((a + t) ** 2 for t in range(steps))
+    return float((x.detach() - expected).abs().max())
+
+
+def test_stich_weighted_iterate_average_is_exact_across_workers() -> None:
+    assert max(run_ok(_weighted_average, 2)) < 1e-12

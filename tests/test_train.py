@@ -235,6 +235,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("schedule", "described"), [
     (["schedule=adacomm", "schedule.tau0=4", "schedule.interval_steps=8"], "adacomm(tau0=4)"),
+    (["schedule=stich", "schedule.paper_lr=true", "schedule.mu=0.05", "schedule.L=1.0"], "stich(H=1)"),
     (["schedule=post_local", "schedule.H=4", "optimizer.lr_decay=step", "optimizer.decay_milestones=[0.25]"],
      "post_local(switch=10, H=4)"),
 ])
@@ -243,6 +244,10 @@ def test_trainer_runs_issue_schedules_end_to_end(tmp_path: Path, schedule: list[
     assert proc.returncode == 0, output(proc)
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["schedule"] == described
+    if described.startswith("stich"):
+        lrs = [r["lr"] for r in records(tmp_path / "run", "train")]
+        a = 16 * 1.0 / 0.05  # max(16 kappa, H)
+        assert lrs == pytest.approx([4 / (0.05 * (a + step - 1)) for step in (10, 20, 30, 40)])
     if described.startswith("post_local"):
         assert s["comm_rounds"] == 10 + 30 // 4 + 1  # H=1 until step 10, then every 4, then the final partial
 

@@ -40,6 +40,8 @@ class StepContext:
     next_val_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     # Multiplies the schedule's LR: batch-ramp LR factor x linear scaling with the current batch.
     lr_scale: float = 1.0
+    # Replaces the schedule's LR entirely when set (e.g. Stich's η_t = 4/(μ(a+t))).
+    lr_override: float | None = None
     # Called between backward and the optimizer step when set (the noise-scale measurement).
     after_backward: Callable[[nn.Module], None] | None = None
 

@@ -98,7 +98,7 @@ class TorchOptimizerPlugin(OptimizerPlugin):
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
                    ctx: StepContext) -> StepOutput:
         opt = self.optimizers[0]
-        lr = self.lr(step) * ctx.lr_scale
+        lr = ctx.lr_override if ctx.lr_override is not None else self.lr(step) * ctx.lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = batch
