@@ -263,10 +263,14 @@ def all_reduce_sum_(tensor: torch.Tensor, group: Any = None, what: str = "all-re
     return tensor
 
 
-def all_reduce_sum_async(tensor: torch.Tensor, group: Any = None) -> Any:
-    """Start an in-place sum; returns a handle for :func:`wait`, or ``None`` at world size 1."""
+def all_reduce_sum_async(tensor: torch.Tensor, group: Any = None, average: bool = False) -> Any:
+    """Start an in-place sum (or, with ``average`` on NCCL, mean); a handle for :func:`wait`, or None.
+
+    Only NCCL has ReduceOp.AVG; callers check :func:`backend` and divide themselves on Gloo.
+    """
     if is_initialized() and tdist.get_world_size(group) > 1:
-        return tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, group=group, async_op=True)
+        op = tdist.ReduceOp.AVG if average else tdist.ReduceOp.SUM
+        return tdist.all_reduce(tensor, op=op, group=group, async_op=True)
     return None
 
 

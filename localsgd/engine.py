@@ -226,8 +226,19 @@ class LocalSGD:
         if self.outer is not None and getattr(self.outer, "needs_global_copy", True):
             self._global = [v.detach().clone() for v in self.param_buffers()]
 
+    def _quick_layout_ok(self) -> bool:
+        # O(1) per sync: ``model.to(...)``/``.double()`` re-materialise every parameter, so the first
+        # and last ones moving is the signature. Replacing modules needs rebuild_layout() (or is
+        # caught by the full check in finalize(), averaged() and load_state_dict()).
+        ends = (self._param_ptrs[0], self._param_ptrs[-1]) if self._param_ptrs else ()
+        return all(p.data_ptr() == ptr for p, ptr in ends)
+
+    def rebuild_layout(self) -> None:
+        """Re-flatten after the model's parameters were replaced (not merely moved) since wrapping."""
+        self._check_layout()
+
     def _check_layout(self) -> None:
-        # Cheap pointer comparison; a model moved or re-materialised after wrapping gets a new layout.
+        # Full pointer comparison; a model moved or re-materialised after wrapping gets a new layout.
         params_now = list(dict.fromkeys([*self.model.parameters(), *self.extra_tensors]))
         same = len(params_now) == len(self._param_ptrs) and all(
             p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(params_now, self._param_ptrs)
@@ -257,6 +268,7 @@ class LocalSGD:
 
     def finalize(self) -> bool:
         """Average a partial last round so every replica ends identical. Returns True if it averaged."""
+        self._check_layout()
         if self.local_step == self.last_global_sync_step and self.stats.rounds > 0:
             return False
         self._sync(advance_schedule=False)
@@ -299,9 +311,12 @@ class LocalSGD:
 
     def _fold_losses(self) -> None:
         if self._first_nonfinite < 0 and self._losses:
-            first = self._losses[0][1]
-            dev = first.device if isinstance(first, torch.Tensor) else None
-            values = torch.stack([torch.as_tensor(v, device=dev).reshape(()).float() for _, v in self._losses])
+            raw = [v for _, v in self._losses]
+            if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in raw):
+                values = torch.stack(raw).float()
+            else:
+                dev = raw[0].device if isinstance(raw[0], torch.Tensor) else None
+                values = torch.stack([torch.as_tensor(v, device=dev).reshape(()).float() for v in raw])
             bad = (~torch.isfinite(values)).nonzero()
             if len(bad):
                 self._first_nonfinite = self._losses[int(bad[0])][0]
@@ -315,7 +330,10 @@ class LocalSGD:
         if self._first_nonfinite >= 0:
             return self._first_nonfinite
         for g in self._groups:
-            if g.flat.numel() and not bool(torch.isfinite(g.flat[: g.param_numel]).all()):
+            # A finite sum proves every element finite (NaN/Inf propagate through a sum); only an
+            # infinite or NaN sum, which may also be a harmless overflow, needs the exact scan.
+            params = g.flat[: g.param_numel]
+            if params.numel() and not bool(torch.isfinite(params.sum())) and not bool(torch.isfinite(params).all()):
                 return self.local_step
             for b in g.buffers:
                 if not bool(torch.isfinite(b).all()):
@@ -373,13 +391,15 @@ class LocalSGD:
                     view.copy_(b)
                 if self.buffer_policy == "broadcast" and dist.group_rank(group) != 0 and g.buffers:
                     g.flat[g.param_numel :].zero_()  # rank 0's buffers survive the sum unscaled
+            # NCCL averages inside the collective (no extra pass over the buffer); Gloo sums.
+            in_collective = dist.backend() == "nccl" and self.buffer_policy != "broadcast"
             handles = []
             for g in self._groups:
                 for s, e in g.buckets:
-                    handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=group))
+                    handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=group, average=in_collective))
             for h in handles:
                 dist.wait(h, "LocalSGD parameter average")
-            if world > 1:
+            if world > 1 and not in_collective:
                 for g in self._groups:
                     if self.buffer_policy == "broadcast":
                         g.flat[: g.param_numel].div_(world)
@@ -427,7 +447,8 @@ class LocalSGD:
 
     def _sync(self, advance_schedule: bool = True) -> None:
         start = time.perf_counter()
-        self._check_layout()
+        if not self._quick_layout_ok():
+            self._check_layout()
         # A hierarchical schedule averages within this rank's group except at its global steps;
         # finalize() always averages globally.
         is_global = self._subgroup is None or not advance_schedule or self.schedule.is_global(self.local_step)

@@ -28,6 +28,7 @@ class ShardSampler:
         self.epoch = 0
         self.cursor = 0  # samples of this epoch's shard already handed out
         self.samples_seen = 0
+        self._shard_size = num_samples // world_size
         self._shard = self._make_shard(0)
 
     @property
@@ -41,6 +42,12 @@ class ShardSampler:
 
     def next_indices(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` indices of this rank's stream (crossing epochs when needed)."""
+        end = self.cursor + batch_size
+        if end <= self._shard_size:  # the common case: one slice of the current epoch's shard
+            out = self._shard[self.cursor : end]
+            self.cursor = end
+            self.samples_seen += batch_size
+            return out
         parts = []
         need = batch_size
         while need > 0:

@@ -166,7 +166,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             raise SystemExit(REQUEUE_EXIT_CODE)
         if done % tc.log_every == 0 or done == tc.max_steps:
             record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
-                      "accuracy": int(torch.stack([o.correct for o in window]).sum()) / sum(o.count for o in window),
+                      "accuracy": sum(o.correct() for o in window) / sum(o.count for o in window),
                       "lr": ctx.lr_override or plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
                       "samples": sampler.samples_seen * world, **comm_record(stats())}
             if noise is not None:

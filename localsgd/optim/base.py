@@ -28,8 +28,14 @@ class StepOutput:
     """What one local step reports (detached; reduced by the trainer only when it logs)."""
 
     loss: torch.Tensor
-    correct: torch.Tensor
     count: int
+    logits: torch.Tensor | None = None  # for the training accuracy, computed only when logged
+    targets: torch.Tensor | None = None
+
+    def correct(self) -> int:
+        if self.logits is None or self.targets is None:
+            return 0
+        return int((self.logits.argmax(dim=1) == self.targets).sum())
 
 
 @dataclass

@@ -1,0 +1,309 @@
+"""Averaging-call micro-benchmark: seconds per sync on 2 Gloo ranks (``peers.md`` §10, item 5).
+
+On a CPU machine with Gloo the cost of one averaging call is dominated by latency and by the passes
+over memory around the collective, not by bandwidth, so this is where a framework can win or lose
+against its peers. Four ways to average the same parameters are timed on two localhost Gloo ranks
+(spawned here, one intra-op thread each):
+
+* ``ours``: ``LocalSGD(model, None, schedule=Fixed(1))`` and ``sync.step()``, which averages on every
+  call. This includes everything a real sync does: the layout check, the non-finite scan, the small
+  MAX all-reduce of the agreement fingerprint, the sum all-reduce of the flat buffer and the division.
+* ``torch``: ``torch.distributed.algorithms.model_averaging.utils.average_parameters`` (the averager
+  under ``PeriodicModelAverager`` / ``PostLocalSGDOptimizer``): ``torch.cat`` into a new flat buffer,
+  divide, one blocking all-reduce, re-point the parameters at slices of that buffer.
+* ``per_param``: one blocking sum all-reduce per parameter, then a division (the accelerate
+  ``LocalSGD`` / torchft ``LocalSGD`` pattern; ``peers.md`` §2-3).
+* ``floor``: a bare all-reduce of one pre-flattened tensor with the same number of elements: no copy,
+  no division, no check. Nothing that averages these parameters on Gloo can be faster.
+
+Two models stress the two regimes: ``few_large`` (4 tensors, 4M floats in full mode, 1M with
+``--quick``: bandwidth and memory passes) and ``many_small`` (200 tensors of 1,024 floats: per-call
+and per-tensor latency).
+
+Method: each method gets its own copy of the model (the same shapes and values per rank, different
+values on the two ranks). After warm-up repetitions, the timed repetitions are interleaved: in every
+repetition each method runs once, in an order rotated by one each repetition, each call preceded by a
+barrier. A call's time is the maximum over the ranks (one MAX all-reduce of all per-rank times at the
+end), and a method's time is the median over repetitions. Ratios are ours / floor and ours / torch
+(ratio of medians; the median of the per-repetition paired ratios is reported too). The issue's
+targets are ours <= 1.10x the floor and <= 1.0x torch on both models.
+
+Run ``python benchmarks/averaging.py [--quick]``; the last line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this checkout
+
+METHODS = ("ours", "torch", "per_param", "floor")
+TARGET_VS_FLOOR = 1.10
+TARGET_VS_TORCH = 1.0
+
+
+def git_state() -> str:
+    """``<HEAD commit>`` of this checkout, ``+dirty`` when ``localsgd/`` has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--", "localsgd")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def source_digest() -> str:
+    """First 12 hex digits of a sha256 over localsgd's sources: names the code state a result measured."""
+    root = Path(__file__).resolve().parents[1] / "localsgd"
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def model_shapes(name: str, quick: bool) -> list[tuple[int, ...]]:
+    if name == "few_large":
+        rows = 512 if quick else 1024
+        return [(rows, 512)] * 4 if quick else [(rows, 1024)] * 4  # 1M floats quick, 4M full
+    if name == "many_small":
+        return [(32, 32)] * 200  # 200 x 1,024 floats
+    raise ValueError(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_model(shapes: list[tuple[int, ...]], rank: int) -> Any:
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(1234 + rank)  # different replicas on the two ranks
+    model = nn.Module()
+    model.weights = nn.ParameterList(nn.Parameter(torch.randn(s, generator=gen)) for s in shapes)
+    return model
+
+
+def _bench_model(name: str, quick: bool, warmup: int, reps: int, rank: int, world: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as tdist
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    from localsgd import LocalSGD
+    from localsgd.schedules import Fixed
+
+    shapes = model_shapes(name, quick)
+    group = tdist.group.WORLD
+    ours_model = _make_model(shapes, rank)
+    torch_model = _make_model(shapes, rank)
+    per_param_model = _make_model(shapes, rank)
+    n_params = sum(p.numel() for p in ours_model.parameters())
+    floor_buf = torch.zeros(n_params)  # zeros: repeated unscaled sums stay finite
+
+    sync = LocalSGD(ours_model, None, schedule=Fixed(1))
+
+    def ours() -> None:
+        assert sync.step()
+
+    def torch_avg() -> None:
+        average_parameters(torch_model.parameters(), group)
+
+    def per_param() -> None:
+        with torch.no_grad():
+            for p in per_param_model.parameters():
+                tdist.all_reduce(p.data, group=group)
+                p.data.div_(world)
+
+    def floor() -> None:
+        tdist.all_reduce(floor_buf, group=group)
+
+    calls = {"ours": ours, "torch": torch_avg, "per_param": per_param, "floor": floor}
+
+    # Sanity: the three averaging methods agree after their first call.
+    for m in ("ours", "torch", "per_param"):
+        calls[m]()
+    ref = torch.cat([p.detach().reshape(-1) for p in torch_model.parameters()])
+    for m, model in (("ours", ours_model), ("per_param", per_param_model)):
+        got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        if not torch.allclose(got, ref, atol=1e-5):
+            raise AssertionError(f"{name}: {m} does not average like torch's average_parameters")
+
+    for _ in range(warmup):
+        for m in METHODS:
+            tdist.barrier()
+            calls[m]()
+    times = torch.zeros(len(METHODS), reps, dtype=torch.float64)
+    for r in range(reps):
+        for k in range(len(METHODS)):
+            i = (r + k) % len(METHODS)
+            tdist.barrier()
+            t0 = time.perf_counter()
+            calls[METHODS[i]]()
+            times[i, r] = time.perf_counter() - t0
+    tdist.all_reduce(times, op=tdist.ReduceOp.MAX)  # a call lasts until the slowest rank is done
+    per_method = {m: times[i].tolist() for i, m in enumerate(METHODS)}
+    return {"n_params": n_params, "n_tensors": len(shapes), "times": per_method,
+            "ours_stats_rounds": sync.stats.rounds}
+
+
+def _worker(rank: int, world: int, port: int, quick: bool, warmup: int, reps: int, models: list[str],
+            out: Any) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    try:
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                 timeout=datetime.timedelta(seconds=120))
+        results = {name: _bench_model(name, quick, warmup, reps, rank, world) for name in models}
+        out.put((rank, "ok", results))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        out.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def run(quick: bool, warmup: int, reps: int, models: list[str], timeout_s: float) -> dict[str, Any]:
+    world = 2
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, quick, warmup, reps, models, out), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) < world:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"benchmark ranks did not finish in {timeout_s:.0f} s")
+            try:
+                rank, status, value = out.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    raise RuntimeError(f"ranks {dead} exited without reporting") from None
+                continue
+            results[rank] = (status, value)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r}: {v}" for r, (s, v) in sorted(results.items()) if s != "ok"]
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results[0][1]
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, res in raw.items():
+        t = res["times"]
+        med = {m: statistics.median(t[m]) for m in METHODS}
+        paired_floor = statistics.median(a / b for a, b in zip(t["ours"], t["floor"]))
+        paired_torch = statistics.median(a / b for a, b in zip(t["ours"], t["torch"]))
+        out[name] = {
+            "n_params": res["n_params"],
+            "n_tensors": res["n_tensors"],
+            "seconds": med,
+            "seconds_p25_p75": {m: list(statistics.quantiles(t[m], n=4)[::2]) for m in METHODS},
+            "ratio_vs_floor": med["ours"] / med["floor"],
+            "ratio_vs_torch": med["ours"] / med["torch"],
+            "ratio_vs_per_param": med["ours"] / med["per_param"],
+            "torch_vs_floor": med["torch"] / med["floor"],
+            "paired_ratio_vs_floor": paired_floor,
+            "paired_ratio_vs_torch": paired_torch,
+        }
+    return out
+
+
+def table(models: dict[str, Any]) -> str:
+    head = f"{'model':<11} {'params':>9} {'tensors':>7} " + " ".join(f"{m + ' ms':>13}" for m in METHODS)
+    head += f" {'ours/floor':>10} {'ours/torch':>10}"
+    lines = [head, "-" * len(head)]
+    for name, d in models.items():
+        ms = " ".join(f"{1e3 * d['seconds'][m]:>13.3f}" for m in METHODS)
+        lines.append(f"{name:<11} {d['n_params']:>9} {d['n_tensors']:>7} {ms} "
+                     f"{d['ratio_vs_floor']:>10.3f} {d['ratio_vs_torch']:>10.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1M-float few_large, fewer repetitions (<60 s)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per method and model")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed repetitions per method and model")
+    ap.add_argument("--models", default="few_large,many_small", help="comma-separated: few_large,many_small")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the ranks are killed")
+    args = ap.parse_args(argv)
+    reps = args.reps or (60 if args.quick else 300)
+    warmup = args.warmup if args.warmup is not None else (5 if args.quick else 20)
+    models = [m for m in args.models.split(",") if m]
+    for m in models:
+        model_shapes(m, args.quick)
+
+    import torch
+
+    code = source_digest(), git_state()  # before measuring: the code that is imported now
+    start = time.perf_counter()
+    raw = run(args.quick, warmup, reps, models, args.timeout)
+    models_out = summarise(raw)
+    print(f"seconds per sync, 2 Gloo ranks on localhost, 1 thread each; median of {reps} interleaved "
+          f"repetitions after {warmup} warm-up (per repetition: max over ranks); torch {torch.__version__}")
+    print(table(models_out))
+    worst_floor = max(d["ratio_vs_floor"] for d in models_out.values())
+    worst_torch = max(d["ratio_vs_torch"] for d in models_out.values())
+    print(f"worst ours/floor = {worst_floor:.3f} (target <= {TARGET_VS_FLOOR}): "
+          f"{'met' if worst_floor <= TARGET_VS_FLOOR else 'NOT met'}")
+    print(f"worst ours/torch = {worst_torch:.3f} (target <= {TARGET_VS_TORCH}): "
+          f"{'met' if worst_torch <= TARGET_VS_TORCH else 'NOT met'}")
+    result = {
+        "benchmark": "averaging",
+        "quick": args.quick,
+        "ratio_vs_floor": worst_floor,
+        "ratio_vs_torch": worst_torch,
+        "target_vs_floor": TARGET_VS_FLOOR,
+        "target_vs_torch": TARGET_VS_TORCH,
+        "meets_floor_target": worst_floor <= TARGET_VS_FLOOR,
+        "meets_torch_target": worst_torch <= TARGET_VS_TORCH,
+        "world_size": 2,
+        "localsgd_source_sha256_12": code[0],
+        "git": code[1],
+        "backend": "gloo",
+        "torch": torch.__version__,
+        "reps": reps,
+        "warmup": warmup,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "models": models_out,
+    }
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
