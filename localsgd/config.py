@@ -63,15 +63,18 @@ class SyncConfig:
     buffers: str = "average"  # average | broadcast | local
     optimizer_state: str = "keep"  # keep | average | reset
     on_nonfinite: str = "raise"  # raise | skip_round
+    # before: the agreement/NaN check completes before the average starts (two latencies);
+    # overlapped: both travel together, a non-finite replica sends zeros, nothing is used unless the check passes
+    agreement_check: str = "before"
     max_skipped_rounds: int = 3
     bucket_cap_mb: float = 64.0
     check_config_agreement: bool = True  # compare config hashes across ranks at start-up
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
-        from .engine import BUFFER_POLICIES, NONFINITE_POLICIES, OPTIMIZER_STATE_POLICIES
+        from .engine import AGREEMENT_CHECKS, BUFFER_POLICIES, NONFINITE_POLICIES, OPTIMIZER_STATE_POLICIES
 
         for key, allowed in (("buffers", BUFFER_POLICIES), ("optimizer_state", OPTIMIZER_STATE_POLICIES),
-                             ("on_nonfinite", NONFINITE_POLICIES)):
+                             ("on_nonfinite", NONFINITE_POLICIES), ("agreement_check", AGREEMENT_CHECKS)):
             if getattr(self, key) not in allowed:
                 yield key, getattr(self, key), f"must be one of {allowed}"
         if self.max_skipped_rounds < 0:

@@ -285,6 +285,12 @@ def all_reduce_max_(tensor: torch.Tensor, group: Any = None, what: str = "all-re
     return tensor
 
 
+def all_reduce_max_async(tensor: torch.Tensor, group: Any = None) -> Any:
+    if is_initialized() and tdist.get_world_size(group) > 1:
+        return tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX, group=group, async_op=True)
+    return None
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0, group: Any = None, what: str = "broadcast") -> torch.Tensor:
     if is_initialized() and tdist.get_world_size(group) > 1:
         _wait(tdist.broadcast(tensor, src=src, group=group, async_op=True), what)

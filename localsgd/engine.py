@@ -27,6 +27,7 @@ matching torch's PostLocalSGDOptimizer, torchft and accelerate, so comparisons a
 from __future__ import annotations
 
 import contextlib
+import struct
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,7 +44,9 @@ from .schedules.base import SyncSchedule
 BUFFER_POLICIES = ("average", "broadcast", "local")
 OPTIMIZER_STATE_POLICIES = ("keep", "average", "reset")
 NONFINITE_POLICIES = ("raise", "skip_round")
+AGREEMENT_CHECKS = ("before", "overlapped")
 _FP_FIELDS = ("step", "round", "elements", "config_hash", "next_H")
+_INT64_MIN = -(2**63)
 
 
 @dataclass
@@ -119,6 +122,7 @@ class LocalSGD:
         config_hash: int = 0,
         process_group: Any = None,
         outer: Any = None,
+        agreement_check: str = "before",
     ) -> None:
         if schedule is None:
             raise ValueError("LocalSGD needs a schedule, e.g. localsgd.schedules.Fixed(8)")
@@ -126,6 +130,7 @@ class LocalSGD:
             ("buffers", buffers, BUFFER_POLICIES),
             ("optimizer_state", optimizer_state, OPTIMIZER_STATE_POLICIES),
             ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
+            ("agreement_check", agreement_check, AGREEMENT_CHECKS),
         ):
             if value not in allowed:
                 raise ValueError(f"LocalSGD {name}={value!r} is not one of {allowed}")
@@ -137,6 +142,7 @@ class LocalSGD:
         self.buffer_policy = buffers
         self.optimizer_state_policy = optimizer_state
         self.on_nonfinite = on_nonfinite
+        self.agreement_check = agreement_check
         self.max_skipped_rounds = max_skipped_rounds
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.extra_tensors = list(extra_tensors)
@@ -340,43 +346,41 @@ class LocalSGD:
                     return self.local_step
         return -1
 
-    def _fingerprint(
-        self, nonfinite_step: int, next_h: int, group: Any = None
-    ) -> tuple[dict[str, tuple[int, int]], dict[int, int], list[int], bool, list[int]]:
-        """One MAX all-reduce that checks agreement, gathers NaN flags and the stop flag.
-
-        Ranks in the returned maps are ranks within ``group``.
-        """
+    def _start_fingerprint(self, nonfinite_step: int, next_h: int, group: Any = None) -> tuple[torch.Tensor, Any]:
+        """Start the one MAX all-reduce that checks agreement, gathers NaN flags and the stop flag."""
         world, me = dist.group_size(group), dist.group_rank(group)
         v = [self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h]
-        n_int = len(self._int_buffer_list)
         device = self._groups[0].flat.device if self._groups else torch.device("cpu")
-        vec = torch.zeros(2 * len(v) + 3 * world + 1 + n_int, dtype=torch.int64, device=device)
-        vec[: len(v)] = torch.tensor(v)
-        vec[len(v) : 2 * len(v)] = -torch.tensor(v)
-        base = 2 * len(v)
-        vec[base + me] = nonfinite_step + 1  # 0 means finite
-        vec[base + world + me] = zlib.crc32(repr(v).encode()) + 1
-        vec[base + 2 * world] = int(self.stop_requested)
+        nonfinite, hashes = [0] * world, [0] * world
+        nonfinite[me] = nonfinite_step + 1  # 0 means finite
+        hashes[me] = zlib.crc32(repr(v).encode()) + 1
         # Each rank's mean round loss rides along as float64 bits in its own slot (others hold the
         # int64 minimum, so MAX leaves every slot exact): every rank then computes the same mean.
-        loss_slots = base + 2 * world + 1
-        vec[loss_slots : loss_slots + world] = torch.iinfo(torch.int64).min
+        losses = [_INT64_MIN] * world
         mean = self._round_loss[0] / self._round_loss[1] if self._round_loss[1] else float("nan")
-        vec[loss_slots + me] = torch.tensor(mean, dtype=torch.float64).view(torch.int64)
-        if n_int:
-            vec[loss_slots + world :] = torch.stack([b.reshape(()).to(torch.int64) for b in self._int_buffer_list])
-        dist.all_reduce_max_(vec, group=group, what="LocalSGD agreement check")
+        losses[me] = struct.unpack("<q", struct.pack("<d", mean))[0]
+        ints = [int(b) for b in self._int_buffer_list]  # integer buffers kept consistent: MAX
+        words = [*v, *(-x for x in v), *nonfinite, *hashes, int(self.stop_requested), *losses, *ints]
+        vec = torch.tensor(words, dtype=torch.int64, device=device)  # one host-to-device copy
         self.stats.check_bytes += vec.numel() * vec.element_size()
+        return vec, dist.all_reduce_max_async(vec, group=group)
+
+    def _decode_fingerprint(
+        self, vec: torch.Tensor, group: Any = None
+    ) -> tuple[dict[str, tuple[int, int]], dict[int, int], list[int], bool, list[int]]:
+        """Ranks in the returned maps are ranks within ``group``."""
+        world = dist.group_size(group)
+        n_fields = len(_FP_FIELDS)
         out = vec.tolist()
-        hi, lo = out[: len(v)], [-x for x in out[len(v) : 2 * len(v)]]
+        hi, lo = out[:n_fields], [-x for x in out[n_fields : 2 * n_fields]]
         disagree = {f: (lo[i], hi[i]) for i, f in enumerate(_FP_FIELDS) if lo[i] != hi[i]}
+        base = 2 * n_fields
         bad = {r: out[base + r] - 1 for r in range(world) if out[base + r] > 0}
         hashes = out[base + world : base + 2 * world]
         odd = [r for r in range(world) if hashes[r] != hashes[0]]
         stop = bool(out[base + 2 * world])
         loss_slots = base + 2 * world + 1
-        losses = vec[loss_slots : loss_slots + world].view(torch.float64).tolist()
+        losses = [struct.unpack("<d", struct.pack("<q", x))[0] for x in out[loss_slots : loss_slots + world]]
         self.last_round_loss = None if any(x != x for x in losses) else sum(losses) / world
         self._round_loss = [0.0, 0]
         ints = out[loss_slots + world :]
@@ -384,12 +388,16 @@ class LocalSGD:
 
     def _average_groups(self, group: Any = None) -> None:
         """Sum every bucket across ``group`` (all started before any is awaited), then scale."""
-        world = dist.group_size(group)
+        self._finish_average(self._start_average(group))
+
+    def _start_average(self, group: Any = None, contribute_zeros: bool = False) -> tuple[Any, list[Any], bool]:
         with torch.no_grad():
             for g in self._groups:
                 for b, view in zip(g.buffers, g.buffer_views()):
                     view.copy_(b)
-                if self.buffer_policy == "broadcast" and dist.group_rank(group) != 0 and g.buffers:
+                if contribute_zeros:
+                    g.flat.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
+                elif self.buffer_policy == "broadcast" and dist.group_rank(group) != 0 and g.buffers:
                     g.flat[g.param_numel :].zero_()  # rank 0's buffers survive the sum unscaled
             # NCCL averages inside the collective (no extra pass over the buffer); Gloo sums.
             in_collective = dist.backend() == "nccl" and self.buffer_policy != "broadcast"
@@ -397,8 +405,16 @@ class LocalSGD:
             for g in self._groups:
                 for s, e in g.buckets:
                     handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=group, average=in_collective))
-            for h in handles:
-                dist.wait(h, "LocalSGD parameter average")
+        return group, handles, in_collective
+
+    def _finish_average(self, pending: tuple[Any, list[Any], bool], scale: bool = True) -> None:
+        group, handles, in_collective = pending
+        world = dist.group_size(group)
+        for h in handles:
+            dist.wait(h, "LocalSGD parameter average")
+        if not scale:
+            return
+        with torch.no_grad():
             if world > 1 and not in_collective:
                 for g in self._groups:
                     if self.buffer_policy == "broadcast":
@@ -454,7 +470,17 @@ class LocalSGD:
         is_global = self._subgroup is None or not advance_schedule or self.schedule.is_global(self.local_step)
         group = self.group if is_global else self._subgroup
         next_h = self.schedule.fingerprint() if advance_schedule else 0
-        disagree, bad, odd, stop, ints = self._fingerprint(self._local_nonfinite_step(), next_h, group)
+        local_bad = self._local_nonfinite_step()
+        vec, check = self._start_fingerprint(local_bad, next_h, group)
+        pending = None
+        if self.agreement_check == "overlapped":
+            # The average travels while the check does (one latency instead of two); a non-finite
+            # replica sends zeros, and nothing summed is used unless the check passes.
+            pending = self._start_average(group, contribute_zeros=local_bad >= 0)
+        dist.wait(check, "LocalSGD agreement check")
+        disagree, bad, odd, stop, ints = self._decode_fingerprint(vec, group)
+        if pending is not None and (disagree or bad):
+            self._finish_average(pending, scale=False)  # keep every rank's collectives paired
         if disagree:
             raise ScheduleDisagreementError(disagree, odd, self.local_step)
         if is_global:  # a stop must be agreed by every rank, so only a global sync can decide it
@@ -469,7 +495,7 @@ class LocalSGD:
         with torch.no_grad():
             for b, value in zip(self._int_buffer_list, ints):
                 b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
-        self._average_groups(group)
+        self._finish_average(pending if pending is not None else self._start_average(group))
         if self.outer is not None:
             self._outer_step()
         self._apply_optimizer_state_policy(group)

@@ -78,7 +78,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                         optimizer_state=cfg.sync.optimizer_state, on_nonfinite=cfg.sync.on_nonfinite,
                         max_skipped_rounds=cfg.sync.max_skipped_rounds, bucket_cap_mb=cfg.sync.bucket_cap_mb,
                         extra_tensors=plugin.averaged_tensors(), config_hash=int(config_digest[:8], 16),
-                        outer=outer_lib.build(cfg.outer))
+                        outer=outer_lib.build(cfg.outer), agreement_check=cfg.sync.agreement_check)
     sampler = ShardSampler(len(y_train), rank, world, tc.seed)
     # Different dropout/augmentation noise per rank, deterministic for the seed.
     seed_everything(tc.seed + 7919 * (rank + 1))

@@ -26,10 +26,10 @@ def _gather_state(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _identical_after_every_sync(rank: int, world: int, policy: str) -> dict:
+def _identical_after_every_sync(rank: int, world: int, policy: str, mode: str = "before") -> dict:
     model = _bn_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(3), buffers=policy)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(3), buffers=policy, agreement_check=mode)
     gen = torch.Generator().manual_seed(100 + rank)  # different data on every rank
     checks = []
     for _ in range(10):
@@ -57,9 +57,9 @@ def _identical_after_every_sync(rank: int, world: int, policy: str) -> dict:
     return report
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_parameters_and_buffers_identical_after_every_sync_and_finalize(world: int) -> None:
-    reports = run_ok(_identical_after_every_sync, world, "average", timeout_s=120)
+@pytest.mark.parametrize(("world", "mode"), [(2, "before"), (4, "before"), (2, "overlapped")])
+def test_parameters_and_buffers_identical_after_every_sync_and_finalize(world: int, mode: str) -> None:
+    reports = run_ok(_identical_after_every_sync, world, "average", mode, timeout_s=120)
     r = reports[0]
     assert r["rounds"] == 4  # syncs after steps 3, 6, 9 and the final partial round
     assert all(same for _, same in r["params_equal"])
@@ -157,9 +157,9 @@ def test_quadratic_averaged_iterate_equals_minibatch_sgd(H: int) -> None:
     assert max(run_ok(_quadratic, 2, H)) < 1e-10
 
 
-def _nan_on_one_rank(rank: int, world: int) -> str:
+def _nan_on_one_rank(rank: int, world: int, mode: str = "before") -> str:
     model = _bn_model()
-    sync = localsgd.LocalSGD(model, None, schedule=Fixed(4))
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), agreement_check=mode)
     for step in range(1, 5):
         if rank == 1 and step == 2:
             with torch.no_grad():
@@ -168,23 +168,25 @@ def _nan_on_one_rank(rank: int, world: int) -> str:
     return "no error"
 
 
-def test_nan_on_one_rank_raises_on_every_rank_before_averaging() -> None:
-    out = run_ranks(_nan_on_one_rank, 2, timeout_s=60)
+@pytest.mark.parametrize("mode", ["before", "overlapped"])
+def test_nan_on_one_rank_raises_on_every_rank_before_averaging(mode: str) -> None:
+    out = run_ranks(_nan_on_one_rank, 2, mode, timeout_s=60)
     for status, msg in out:
         assert status == "error"
         assert "NonFiniteError" in msg and "rank 1 at step 4" in msg
 
 
-def _mismatched_schedules(rank: int, world: int) -> str:
+def _mismatched_schedules(rank: int, world: int, mode: str = "before") -> str:
     model = _bn_model()
-    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2 if rank == 0 else 3))
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2 if rank == 0 else 3), agreement_check=mode)
     for _ in range(6):
         sync.step()
     return "no error"
 
 
-def test_mismatched_schedules_raise_on_every_rank_without_hanging() -> None:
-    out = run_ranks(_mismatched_schedules, 2, timeout_s=60)
+@pytest.mark.parametrize("mode", ["before", "overlapped"])
+def test_mismatched_schedules_raise_on_every_rank_without_hanging(mode: str) -> None:
+    out = run_ranks(_mismatched_schedules, 2, mode, timeout_s=60)
     for status, msg in out:
         assert status == "error"
         assert "ScheduleDisagreementError" in msg and "ranges over [2, 3]" in msg
@@ -230,3 +232,28 @@ def _averaged_context(rank: int, world: int) -> bool:
 
 def test_averaged_context_evaluates_the_average_and_restores_local_replicas() -> None:
     assert all(run_ok(_averaged_context, 2))
+
+
+def _skip_round_overlapped(rank: int, world: int) -> bool:
+    """A NaN on rank 1 under the overlapped check: both ranks roll back to the last sync and go on."""
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2), on_nonfinite="skip_round", agreement_check="overlapped")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(float(rank))
+    sync.step()
+    sync.step()  # a good round: replicas averaged
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        if rank == 1:
+            model[0].weight[0, 0] = float("nan")
+    sync.step()
+    sync.step()  # NaN on rank 1: rank 1 sends zeros, both see the flag and restore the last sync
+    restored = all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
+    return restored and sync.stats.skipped_rounds == 1 and sync.stats.rounds == 1
+
+
+def test_overlapped_check_with_skip_round_rolls_every_rank_back() -> None:
+    assert all(run_ok(_skip_round_overlapped, 2))
