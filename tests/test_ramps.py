@@ -174,7 +174,7 @@ def test_coupled_lr_rejects_bad_arguments(args: tuple) -> None:
 
 
 def test_noise_scale_ramp_only_increases_and_clips() -> None:
-    ramp = build(NoiseScaleRampConfig(b_min=16, b_max=256), 16, T, world_size=8)
+    ramp = build(NoiseScaleRampConfig(b_min=16, b_max=256, warmup_measurements=0), 16, T, world_size=8)
     assert isinstance(ramp, NoiseScaleRamp)
     assert ramp.batch_size(0) == 16
     ramp.observe_noise_scale(8 * 40.4, step=10)  # round(40.4) = 40, but at most x2 per measurement
@@ -191,7 +191,7 @@ def test_noise_scale_ramp_only_increases_and_clips() -> None:
         ramp.observe_noise_scale(1e30, step=40 + k)
         growth.append(ramp.batch_size(41 + k))
     assert growth == [80, 160, 256, 256]  # doubling, then capped at b_max
-    low = build(NoiseScaleRampConfig(b_min=24, b_max=256), 16, T, world_size=8)
+    low = build(NoiseScaleRampConfig(b_min=24, b_max=256, warmup_measurements=0), 16, T, world_size=8)
     assert low.batch_size(0) == 24  # b_min above the trainer's batch
     low.observe_noise_scale(8.0, step=0)
     assert low.batch_size(1) == 24
@@ -344,3 +344,16 @@ def test_bad_configs_are_named(cfg, fields: list[str]) -> None:
 def test_builders_check_against_the_base_batch(cfg, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build(cfg, 32, T)
+
+
+def test_noise_scale_ramp_ignores_its_first_estimates() -> None:
+    ramp = build(NoiseScaleRampConfig(b_max=256, warmup_measurements=2), 16, T, world_size=2)
+    ramp.observe_noise_scale(2000.0, step=0)  # one noisy draw would otherwise double the batch
+    ramp.observe_noise_scale(2000.0, step=4)
+    assert ramp.batch_size(5) == 16
+    ramp.observe_noise_scale(2000.0, step=8)
+    assert ramp.batch_size(9) == 32
+    again = build(NoiseScaleRampConfig(b_max=256, warmup_measurements=2), 16, T, world_size=2)
+    again.load_state_dict(ramp.state_dict())
+    again.observe_noise_scale(2000.0, step=12)
+    assert again.batch_size(13) == 64

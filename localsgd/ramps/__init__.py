@@ -76,7 +76,8 @@ def _smith(cfg: SmithRampConfig, base_batch: int, total_steps: int, world_size: 
 @RAMPS.register("noise_scale", NoiseScaleRampConfig)
 def _noise_scale(cfg: NoiseScaleRampConfig, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
     check_b_max("noise_scale", cfg.b_max, base_batch)
-    return NoiseScaleRamp(base_batch, total_steps, world_size, cfg.b_min, cfg.b_max, cfg.max_growth)
+    return NoiseScaleRamp(base_batch, total_steps, world_size, cfg.b_min, cfg.b_max, cfg.max_growth,
+                          cfg.warmup_measurements)
 
 
 def build(cfg: Any, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:

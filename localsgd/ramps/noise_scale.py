@@ -115,8 +115,10 @@ class NoiseScaleRamp(BatchRamp):
     name = "noise_scale"
 
     def __init__(self, base_batch: int, total_steps: int, world_size: int, b_min: int | None, b_max: int,
-                 max_growth: float = 2.0) -> None:
+                 max_growth: float = 2.0, warmup_measurements: int = 2) -> None:
         super().__init__(base_batch, total_steps)
+        self.warmup_measurements = int(warmup_measurements)
+        self.measurements = 0
         if not max_growth > 1:
             raise ValueError(f"ramp 'noise_scale' needs max_growth > 1, got {max_growth!r}")
         self.max_growth = float(max_growth)
@@ -149,6 +151,9 @@ class NoiseScaleRamp(BatchRamp):
         check_step(step)
         self.last_b_simple = float(b_simple)
         self.last_step = int(step)
+        self.measurements += 1
+        if self.measurements <= self.warmup_measurements:
+            return  # the first estimates rest on one or two draws: let the EMAs settle first (ours)
         t = self.target(float(b_simple))
         if t is not None and t > self.current:
             # At most x max_growth per measurement (ours): one noisy early estimate must not jump the
@@ -157,11 +162,12 @@ class NoiseScaleRamp(BatchRamp):
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "current": self.current, "last_b_simple": self.last_b_simple,
-                "last_step": self.last_step}
+                "last_step": self.last_step, "measurements": self.measurements}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.current = int(state["current"])
+        self.measurements = int(state.get("measurements", 0))
         self.last_b_simple = float(state["last_b_simple"])
         self.last_step = None if state["last_step"] is None else int(state["last_step"])
 
@@ -183,6 +189,7 @@ class NoiseScaleRampConfig:
     ema: float = 0.95
     measure_every_rounds: int = 4
     max_growth: float = 2.0  # ours: the batch grows at most this factor per measurement
+    warmup_measurements: int = 2  # ours: estimates ignored by the ramp while the EMAs settle
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.b_min is not None and self.b_min < 1:
@@ -197,3 +204,5 @@ class NoiseScaleRampConfig:
             yield "measure_every_rounds", self.measure_every_rounds, "must be >= 1"
         if not self.max_growth > 1:
             yield "max_growth", self.max_growth, "must be > 1"
+        if self.warmup_measurements < 0:
+            yield "warmup_measurements", self.warmup_measurements, "must be >= 0"
