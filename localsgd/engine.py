@@ -311,7 +311,9 @@ class LocalSGD:
     # ------------------------------------------------------------------ the sync
     def _record_loss(self, loss: torch.Tensor | float) -> None:
         # Keep the step's loss tensor (no kernel launched, no host sync); checked at the sync.
-        self._losses.append((self.local_step, loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss = loss.detach()
+        self._losses.append((self.local_step, loss))
         if len(self._losses) >= 1024:  # a long round (or one_shot): fold into the first-bad record
             self._fold_losses()
 
@@ -410,17 +412,19 @@ class LocalSGD:
     def _finish_average(self, pending: tuple[Any, list[Any], bool], scale: bool = True) -> None:
         group, handles, in_collective = pending
         world = dist.group_size(group)
-        for h in handles:
-            dist.wait(h, "LocalSGD parameter average")
-        if not scale:
-            return
+        divide = scale and world > 1 and not in_collective
+        slices = [(g, s, e) for g in self._groups for s, e in g.buckets]
         with torch.no_grad():
-            if world > 1 and not in_collective:
-                for g in self._groups:
-                    if self.buffer_policy == "broadcast":
-                        g.flat[: g.param_numel].div_(world)
-                    else:
-                        g.flat.div_(world)
+            # Scale each bucket as soon as it arrives, while later buckets are still in flight.
+            for h, (g, s, e) in zip(handles, slices):
+                dist.wait(h, "LocalSGD parameter average")
+                if divide:
+                    if self.buffer_policy == "broadcast":  # rank 0's buffers arrive unscaled
+                        e = min(e, g.param_numel)
+                    if s < e:
+                        g.flat[s:e].div_(world)
+            if not scale:
+                return
             for g in self._groups:
                 for b, view in zip(g.buffers, g.buffer_views()):
                     b.copy_(view)

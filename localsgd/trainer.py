@@ -140,9 +140,11 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     # Linear LR scaling with the current batch (Goyal et al.), except for Smith's ramp, whose point is
     # to grow the batch *instead of* changing the LR (it sets its own LR factor once b_max is hit).
     couple_lr = tc.lr_batch_coupling and cfg.ramp.name != "smith"
+    batch_size, constant_batch = tc.batch_size, cfg.ramp.name == "none"
     for step in range(start_step, tc.max_steps):
-        batch_size = ramp.batch_size(step)
-        ctx.lr_scale = ramp.lr_factor(step) * (batch_size / tc.batch_size if couple_lr else 1.0)
+        if not constant_batch:
+            batch_size = ramp.batch_size(step)
+            ctx.lr_scale = ramp.lr_factor(step) * (batch_size / tc.batch_size if couple_lr else 1.0)
         if noise is not None:  # the first local step after a sync: every replica is at the same point
             ctx.after_backward = noise.hook(step, batch_size) if noise.due(sync) else None
         if stich is not None:
@@ -166,7 +168,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             raise SystemExit(REQUEUE_EXIT_CODE)
         if done % tc.log_every == 0 or done == tc.max_steps:
             record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
-                      "accuracy": sum(o.correct() for o in window) / sum(o.count for o in window),
+                      "accuracy": window_accuracy(window),
                       "lr": ctx.lr_override or plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
                       "samples": sampler.samples_seen * world, **comm_record(stats())}
             if noise is not None:
@@ -218,6 +220,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def window_accuracy(window: list[optim_lib.StepOutput]) -> float:
+    """Training accuracy over the logging window: one argmax over all its batches, off the hot path."""
+    if any(o.logits is None or o.targets is None for o in window):
+        return float("nan")
+    logits = torch.cat([o.logits for o in window])  # type: ignore[misc]
+    targets = torch.cat([o.targets for o in window])  # type: ignore[misc]
+    return float((logits.argmax(dim=1) == targets).double().mean())
 
 
 def describe(sync: LocalSGD | None) -> str:

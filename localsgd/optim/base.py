@@ -32,11 +32,6 @@ class StepOutput:
     logits: torch.Tensor | None = None  # for the training accuracy, computed only when logged
     targets: torch.Tensor | None = None
 
-    def correct(self) -> int:
-        if self.logits is None or self.targets is None:
-            return 0
-        return int((self.logits.argmax(dim=1) == self.targets).sum())
-
 
 @dataclass
 class StepContext:

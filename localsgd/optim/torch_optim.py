@@ -89,6 +89,7 @@ class TorchOptimizerPlugin(OptimizerPlugin):
         self.optimizers = [optimizer]
         self.cfg = cfg
         self.total_steps = total_steps
+        self._last_lr = float("nan")  # the LR last written into the param groups
 
     def lr(self, step: int) -> float:
         c = self.cfg
@@ -99,8 +100,10 @@ class TorchOptimizerPlugin(OptimizerPlugin):
                    ctx: StepContext) -> StepOutput:
         opt = self.optimizers[0]
         lr = ctx.lr_override if ctx.lr_override is not None else self.lr(step) * ctx.lr_scale
-        for group in opt.param_groups:
-            group["lr"] = lr
+        if lr != self._last_lr:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            self._last_lr = lr
         x, y = batch
         if not model.training:  # the call walks every module: skip it on the hot path
             model.train()
