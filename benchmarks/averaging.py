@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import socket
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -51,34 +49,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this checkout
 
+from benchmarks.provenance import git_state, source_digest  # noqa: E402
+
 METHODS = ("ours", "ours_overlapped", "torch", "per_param", "floor")
 TARGET_VS_FLOOR = 1.10
 TARGET_VS_TORCH = 1.0
-
-
-def git_state() -> str:
-    """``<HEAD commit>`` of this checkout, ``+dirty`` when ``localsgd/`` has uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-
-        head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--", "localsgd")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
-
-
-def source_digest() -> str:
-    """First 12 hex digits of a sha256 over localsgd's sources: names the code state a result measured."""
-    root = Path(__file__).resolve().parents[1] / "localsgd"
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def model_shapes(name: str, quick: bool) -> list[tuple[int, ...]]:

@@ -44,11 +44,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.provenance import git_state, source_digest  # noqa: E402
 from localsgd import data as data_lib  # noqa: E402
 from localsgd import dist  # noqa: E402
 from localsgd import models as model_lib  # noqa: E402
@@ -70,31 +69,6 @@ from localsgd.trainer import run_training  # noqa: E402
 TARGET = 1.03
 BATCH = 32
 SEED = 0
-
-
-def git_state() -> str:
-    """``<HEAD commit>`` of this checkout, ``+dirty`` when ``localsgd/`` has uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-
-        head = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--", "localsgd")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
-
-
-def source_digest() -> str:
-    """First 12 hex digits of a sha256 over localsgd's sources: names the code state a result measured."""
-    root = Path(__file__).resolve().parents[1] / "localsgd"
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
 
 
 WORKLOADS = {
