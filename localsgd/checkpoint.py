@@ -98,7 +98,7 @@ class Checkpointer:
         if dist.is_main():
             files["model.pt"] = _write_bytes(tmp / "model.pt", _serialise(model_state))
         if fault_hook is not None:
-            fault_hook()  # test hook: die after the shards are written, before the commit
+            fault_hook("shards")  # test hook: die after the shards are written, before the commit
         gathered = dist.all_gather_object(files)
         if dist.is_main():
             listing: dict[str, Any] = {}
@@ -117,7 +117,7 @@ class Checkpointer:
             latest_tmp = self.dir / "latest.tmp"
             latest_tmp.write_text(f"step-{step}\n")
             os.replace(latest_tmp, self.dir / "latest")
-            self._purge()
+            self._purge(fault_hook)
         dist.barrier("checkpoint: commit")
         return final
 
@@ -131,13 +131,15 @@ class Checkpointer:
                 steps.append(int(m.group(1)))
         return sorted(steps)
 
-    def _purge(self) -> None:
+    def _purge(self, fault_hook: Any = None) -> None:
         steps = self._committed_steps()
         for step in steps[: max(0, len(steps) - self.keep_latest_k)]:
             doomed = self.dir / f"step-{step}"
             # Rename first, so a half-deleted directory never looks committed.
             deleting = self.dir / f"step-{step}.deleting"
             os.replace(doomed, deleting)
+            if fault_hook is not None:
+                fault_hook("purge")  # test hook: die with a directory half-way to deletion
             shutil.rmtree(deleting, ignore_errors=True)
 
     # ------------------------------------------------------------------ resume

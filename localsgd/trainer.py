@@ -132,7 +132,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         if stich is not None:
             rank_state["stich"] = stich.state_dict()
         ckpt.save(step, model.state_dict() if dist.is_main() else {}, rank_state, meta,
-                  fault_hook=lambda: faults.during_save(step))
+                  fault_hook=lambda stage: faults.during_save(step, stage))
 
     # ---- the loop: local steps, with the engine averaging when the schedule says so
     progress = Progress(tc.max_steps, start_step, tc.progress)
@@ -159,13 +159,6 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             synced = ddp_comm.step()  # type: ignore[union-attr]
         window.append(out)
         done = step + 1
-        # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
-        if synced and (sync is None or sync.in_sync) and stats().rounds % cfg.checkpoint.every_rounds == 0:
-            save(done)
-        if sync is not None and sync.stop_agreed:
-            save(done)
-            metrics.write({"event": "preempted", "step": done})
-            raise SystemExit(REQUEUE_EXIT_CODE)
         if done % tc.log_every == 0 or done == tc.max_steps:
             record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
                       "accuracy": window_accuracy(window),
@@ -182,6 +175,15 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             ev = evaluate_averaged(model, sync, dataset, tc.eval_batch_size, device)
             metrics.write({"event": "eval", "step": done, **ev})
             tracker.log(ev, step=done)
+        # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
+        # They come after this step's records, so a crash after the commit loses no record and a crash
+        # before it leaves records that the resume truncates and writes again.
+        if synced and (sync is None or sync.in_sync) and stats().rounds % cfg.checkpoint.every_rounds == 0:
+            save(done)
+        if sync is not None and sync.stop_agreed:
+            save(done)
+            metrics.write({"event": "preempted", "step": done})
+            raise SystemExit(REQUEUE_EXIT_CODE)
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
     if sync is not None:

@@ -69,7 +69,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
     return _final_model(tmp / "ref", 16)
 
 
-@pytest.mark.parametrize("fault", ["kill:rank=1,step=7", "kill:rank=0,step=8", "kill_during_save:rank=0,step=10"])
+@pytest.mark.parametrize("fault", ["kill:rank=1,step=7", "kill:rank=0,step=8", "kill_during_save:rank=0,step=10",
+                                   "kill_during_purge:rank=0,step=10"])
 def test_killed_rank_resumes_and_matches_uninterrupted_run_bit_for_bit(
         tmp_path: Path, fault: str, uninterrupted: dict[str, torch.Tensor]) -> None:
     hit = torchrun(tmp_path, tmp_path / "hit", KILL_RUN, max_restarts=1, LOCALSGD_FAULT=fault)
@@ -80,7 +81,10 @@ def test_killed_rank_resumes_and_matches_uninterrupted_run_bit_for_bit(
     a, b = uninterrupted, _final_model(tmp_path / "hit", 16)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert not list((tmp_path / "hit" / "checkpoints").glob("*.tmp"))
+    leftovers = [p.name for p in (tmp_path / "hit" / "checkpoints").iterdir() if p.suffix in (".tmp", ".deleting")]
+    assert leftovers == []
+    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "hit" / "checkpoints").glob("step-*"))
+    assert kept == [12, 14, 16]  # keep_latest_k = 3 committed checkpoints, the newest never deleted
 
 
 def test_corrupt_checkpoint_is_named_and_fallback_resumes_from_previous(tmp_path: Path) -> None:

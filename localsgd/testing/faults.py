@@ -1,7 +1,9 @@
 """Environment-driven fault injection for the reliability tests (``reliability.md`` §6).
 
 ``LOCALSGD_FAULT`` holds ``;``-separated faults such as ``kill:rank=1,step=7``,
-``nan:rank=0,step=5``, ``sleep:rank=1,step=3,secs=999`` or ``kill_during_save:rank=0,step=8``.
+``nan:rank=0,step=5``, ``sleep:rank=1,step=3,secs=999``, ``kill_during_save:rank=0,step=8`` (after
+the shard files, before the commit) or ``kill_during_purge:rank=0,step=8`` (while retention deletes
+an old checkpoint).
 A fault fires only on torchrun's first attempt (``TORCHELASTIC_RESTART_COUNT == 0``), like torchft's
 event injector, so a restarted group runs clean. Without the variable every hook is a no-op.
 """
@@ -17,7 +19,7 @@ from torch import nn
 
 from .. import dist
 
-KINDS = ("kill", "nan", "sleep", "kill_during_save")
+KINDS = ("kill", "nan", "sleep", "kill_during_save", "kill_during_purge")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class FaultInjector:
         if self._match("kill", step):
             os._exit(17)
 
-    def during_save(self, step: int) -> None:
-        if self.faults and self._match("kill_during_save", step):
+    def during_save(self, step: int, stage: str) -> None:
+        if not self.faults:
+            return
+        if (stage == "shards" and self._match("kill_during_save", step)) or (
+                stage == "purge" and self._match("kill_during_purge", step)):
             os._exit(17)
