@@ -158,8 +158,9 @@ class Checkpointer:
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{manifest_path}: format version {version}, this localsgd reads {FORMAT_VERSION}")
         expected = {"model.pt"} | {f"rank{r}.pt" for r in range(int(manifest.get("world_size", 0)))}
-        for name in sorted(expected - set(files)):
-            raise CheckpointError(f"{path / name}: not listed in the manifest (missing rank file)")
+        missing = sorted(expected - set(files))
+        if missing:
+            raise CheckpointError(f"{path / missing[0]}: not listed in the manifest (missing rank file)")
         for name, info in sorted(files.items()):
             fpath = path / name
             if not fpath.is_file():

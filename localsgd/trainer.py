@@ -57,6 +57,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     seed_everything(tc.seed)
     dataset = data_lib.build(cfg.data)
     x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
+    x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
     model = model_lib.build(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
@@ -95,17 +96,17 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_latest_k,
                         cfg.checkpoint.fallback)
     start_step, wall_before, wandb_id = 0, 0.0, None
+    # Per-rank state beyond the engine's, checkpointed and restored by name.
+    extra_state: dict[str, Any] = {k: v for k, v in (("ramp", ramp), ("noise_scale", noise), ("stich", stich))
+                                   if v is not None}
     if cfg.checkpoint.resume:
         found = ckpt.find_latest()
         if found is not None:
             check_resumable(found.manifest, world, config_items)
             model_state, rank_state = ckpt.load(found)
             restore(model, plugin, sync, sampler, model_state, rank_state, ddp_comm)
-            ramp.load_state_dict(rank_state["ramp"])
-            if noise is not None:
-                noise.load_state_dict(rank_state["noise_scale"])
-            if stich is not None:
-                stich.load_state_dict(rank_state["stich"])
+            for key, component in extra_state.items():
+                component.load_state_dict(rank_state[key])
             start_step, wall_before = found.step, float(found.manifest.get("wall_seconds", 0.0))
             wandb_id = found.manifest.get("wandb_id")
             metrics.truncate_after(start_step)
@@ -126,11 +127,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                 "restart_count": dist.restart_count(), "torch": torch.__version__,
                 "wall_seconds": wall_before + time.perf_counter() - t_start, "schedule": describe(sync)}
         rank_state = rank_checkpoint(step, model, plugin, sync, sampler, ddp_comm, cfg.sync.buffers == "local")
-        rank_state["ramp"] = ramp.state_dict()
-        if noise is not None:
-            rank_state["noise_scale"] = noise.state_dict()
-        if stich is not None:
-            rank_state["stich"] = stich.state_dict()
+        rank_state.update({key: component.state_dict() for key, component in extra_state.items()})
         ckpt.save(step, model.state_dict() if dist.is_main() else {}, rank_state, meta,
                   fault_hook=lambda stage: faults.during_save(step, stage))
 
@@ -172,7 +169,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                             rounds=str(record["comm_rounds"]), comm=human_bytes(record["comm_bytes"]))
             window.clear()
         if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
-            ev = evaluate_averaged(model, sync, dataset, tc.eval_batch_size, device)
+            ev = evaluate_averaged(model, sync, x_test, y_test, tc.eval_batch_size)
             metrics.write({"event": "eval", "step": done, **ev})
             tracker.log(ev, step=done)
         # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
@@ -191,7 +188,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     if stich is not None and start_step < tc.max_steps:  # the output is x̂_T, not the last iterate
         sync.stats.bytes += stich.finalize_into(sync.param_buffers())  # type: ignore[union-attr]
     final_step = max(start_step, tc.max_steps)
-    ev = evaluate_averaged(model, sync, dataset, tc.eval_batch_size, device)
+    ev = evaluate_averaged(model, sync, x_test, y_test, tc.eval_batch_size)
     if cfg.checkpoint.enable and start_step < tc.max_steps:
         save(final_step)
     progress.close()
@@ -261,9 +258,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
 
 
-def evaluate_averaged(model: nn.Module, sync: LocalSGD | None, dataset: Any, batch_size: int,
-                      device: torch.device) -> dict[str, float]:
-    x, y = dataset.x_test.to(device), dataset.y_test.to(device)
+def evaluate_averaged(model: nn.Module, sync: LocalSGD | None, x: torch.Tensor, y: torch.Tensor,
+                      batch_size: int) -> dict[str, float]:
     if sync is None:
         return evaluate(model, x, y, batch_size)
     with sync.averaged():
