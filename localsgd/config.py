@@ -65,7 +65,7 @@ class SyncConfig:
     on_nonfinite: str = "raise"  # raise | skip_round
     # before: the agreement/NaN check completes before the average starts (two latencies);
     # overlapped: both travel together, a non-finite replica sends zeros, nothing is used unless the check passes
-    agreement_check: str = "before"
+    agreement_check: str = "fused"  # fused | before | overlapped (see localsgd.engine)
     max_skipped_rounds: int = 3
     bucket_cap_mb: float = 64.0
     check_config_agreement: bool = True  # compare config hashes across ranks at start-up

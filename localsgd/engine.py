@@ -14,6 +14,17 @@ x̄ = (1/K) Σ_k x_k. This module implements that average once per round, with:
   integer buffers]`` with v = (step, round, element count, config hash, next H). A NaN on any rank or
   a disagreement raises the same error on every rank *before* anything is averaged, so a non-finite
   value is never averaged (and so never checkpointed).
+* **The fused check (default, ``agreement_check="fused"``).** A second collective costs one network
+  latency per sync, which on small models is as much as the average itself. So after the first
+  global sync has verified the layout with the full check above, every rank writes a few check words
+  into a reserved tail of its averaging buffer (per-rank slots: a 64-bit fingerprint hash, a
+  non-finite flag and the round loss, as 16-bit integers, which float32/64 sums carry exactly because
+  only the owner writes a slot) and the check travels inside the one averaging all-reduce. A rank
+  that finds itself non-finite sends zeros instead of its parameters, so NaN/Inf never enter the sum;
+  the sum is used only when every hash agrees and no flag is set. Otherwise all ranks, which see the
+  same words, fall back together to the full check, which names the field, rank and step, and raise
+  (or roll back under ``skip_round``). ``before`` keeps two collectives (check, then average);
+  ``overlapped`` starts both at once.
 * **Policies** for buffers (``average`` | ``broadcast`` | ``local``), optimizer state (``keep`` |
   ``average`` | ``reset``) and non-finite values (``raise`` | ``skip_round``).
 * **Exact accounting**: ``stats.bytes`` is the payload this rank submitted to averaging all-reduces
@@ -27,10 +38,11 @@ matching torch's PostLocalSGDOptimizer, torchft and accelerate, so comparisons a
 from __future__ import annotations
 
 import contextlib
+import math
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,9 +56,11 @@ from .schedules.base import SyncSchedule
 BUFFER_POLICIES = ("average", "broadcast", "local")
 OPTIMIZER_STATE_POLICIES = ("keep", "average", "reset")
 NONFINITE_POLICIES = ("raise", "skip_round")
-AGREEMENT_CHECKS = ("before", "overlapped")
+AGREEMENT_CHECKS = ("fused", "before", "overlapped")
 _FP_FIELDS = ("step", "round", "elements", "config_hash", "next_H")
 _INT64_MIN = -(2**63)
+_SLOT_WORDS = 9  # per rank in the fused check: 4 x 16-bit hash, non-finite flag, 4 x 16-bit loss bits
+_FUSED_DTYPES = (torch.float32, torch.float64)  # integers below 2**24 are exact in both
 
 
 @dataclass
@@ -77,6 +91,11 @@ class _Group:
     buffers: list[torch.Tensor]
     param_numel: int
     buckets: list[tuple[int, int]] = field(default_factory=list)
+    check_numel: int = 0  # the fused check's words at the tail of ``flat`` (one group at most)
+
+    @property
+    def data_numel(self) -> int:
+        return self.flat.numel() - self.check_numel
 
     def buffer_views(self) -> list[torch.Tensor]:
         out, offset = [], self.param_numel
@@ -122,7 +141,8 @@ class LocalSGD:
         config_hash: int = 0,
         process_group: Any = None,
         outer: Any = None,
-        agreement_check: str = "before",
+        agreement_check: str = "fused",
+        pre_average: Callable[[Any], None] | None = None,
     ) -> None:
         if schedule is None:
             raise ValueError("LocalSGD needs a schedule, e.g. localsgd.schedules.Fixed(8)")
@@ -149,11 +169,16 @@ class LocalSGD:
         self.config_hash = int(config_hash) & 0x7FFFFFFF
         self.group = process_group
         self.outer = outer  # an OuterOptimizer (localsgd.outer); None = plain averaging
+        # Called with the process group on every rank right before each averaging all-reduce (after
+        # the check in before/overlapped mode); may run its own small collectives through ``dist``
+        # (e.g. Delta-STN moves each replica to the consensus hyperparameters first).
+        self.pre_average = pre_average
         self._global: list[torch.Tensor] | None = None  # x_t, the round's starting point (outer only)
         self.stats = SyncStats()
         self.local_step = 0  # optimizer steps completed on this rank
         self.last_sync_step = 0
         self.last_global_sync_step = 0  # replicas are identical everywhere only after a global sync
+        self._group_info: dict[Any, tuple[int, int, bool]] = {}
         self._subgroup = self._make_subgroup()
         self.stop_requested = False  # set locally (e.g. on SIGTERM); all-reduced at the next sync
         self.stop_agreed = False  # True once any rank asked to stop, known at a sync
@@ -203,9 +228,14 @@ class LocalSGD:
         for b in buffers:
             keys.setdefault((b.device, b.dtype), ([], []))[1].append(b)
         self._groups: list[_Group] = []
+        check_group = None
+        if self.agreement_check == "fused":
+            check_group = next((k for k in keys if k[1] in _FUSED_DTYPES), None)
+        self._layout_agreed = False  # the fused check is used only once a full check saw this layout
         for (device, dtype), (ps, bs) in keys.items():
             pn = sum(p.numel() for p in ps)
-            flat = torch.empty(pn + sum(b.numel() for b in bs), device=device, dtype=dtype)
+            check_numel = (_SLOT_WORDS * dist.group_size(self.group) + 1) if (device, dtype) == check_group else 0
+            flat = torch.zeros(pn + sum(b.numel() for b in bs) + check_numel, device=device, dtype=dtype)
             offset = 0
             with torch.no_grad():
                 for p in ps:
@@ -213,14 +243,15 @@ class LocalSGD:
                     view.copy_(p.data)
                     p.data = view  # the parameter now lives inside the flat buffer
                     offset += p.numel()
-            group = _Group(flat, ps, bs, pn)
+            group = _Group(flat, ps, bs, pn, check_numel=check_numel)
             per_bucket = max(1, self.bucket_cap_bytes // flat.element_size())
             group.buckets = [(s, min(s + per_bucket, flat.numel())) for s in range(0, flat.numel(), per_bucket)]
             self._groups.append(group)
         self._param_ptrs = [(p, p.data_ptr()) for g in self._groups for p in g.params]
         self._int_buffer_list = self._int_buffers()
-        self.payload_bytes = sum(g.flat.numel() * g.flat.element_size() for g in self._groups)
-        self.elements = sum(g.flat.numel() for g in self._groups)
+        self._check_group = next((g for g in self._groups if g.check_numel), None)
+        self.payload_bytes = sum(g.data_numel * g.flat.element_size() for g in self._groups)
+        self.elements = sum(g.data_numel for g in self._groups)
 
     def param_buffers(self) -> list[torch.Tensor]:
         """The flat parameter buffers (one per device and dtype); the parameters are views of them."""
@@ -341,7 +372,7 @@ class LocalSGD:
             # A finite sum proves every element finite (NaN/Inf propagate through a sum); only an
             # infinite or NaN sum, which may also be a harmless overflow, needs the exact scan.
             params = g.flat[: g.param_numel]
-            if params.numel() and not bool(torch.isfinite(params.sum())) and not bool(torch.isfinite(params).all()):
+            if params.numel() and not math.isfinite(float(params.sum())) and not bool(torch.isfinite(params).all()):
                 return self.local_step
             for b in g.buffers:
                 if not bool(torch.isfinite(b).all()):
@@ -350,7 +381,7 @@ class LocalSGD:
 
     def _start_fingerprint(self, nonfinite_step: int, next_h: int, group: Any = None) -> tuple[torch.Tensor, Any]:
         """Start the one MAX all-reduce that checks agreement, gathers NaN flags and the stop flag."""
-        world, me = dist.group_size(group), dist.group_rank(group)
+        world, me, _ = self._size_rank(group)
         v = [self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h]
         device = self._groups[0].flat.device if self._groups else torch.device("cpu")
         nonfinite, hashes = [0] * world, [0] * world
@@ -371,7 +402,7 @@ class LocalSGD:
         self, vec: torch.Tensor, group: Any = None
     ) -> tuple[dict[str, tuple[int, int]], dict[int, int], list[int], bool, list[int]]:
         """Ranks in the returned maps are ranks within ``group``."""
-        world = dist.group_size(group)
+        world = self._size_rank(group)[0]
         n_fields = len(_FP_FIELDS)
         out = vec.tolist()
         hi, lo = out[:n_fields], [-x for x in out[n_fields : 2 * n_fields]]
@@ -392,35 +423,42 @@ class LocalSGD:
         """Sum every bucket across ``group`` (all started before any is awaited), then scale."""
         self._finish_average(self._start_average(group))
 
-    def _start_average(self, group: Any = None, contribute_zeros: bool = False) -> tuple[Any, list[Any], bool]:
+    def _start_average(self, group: Any = None, contribute_zeros: bool = False,
+                       check_words: torch.Tensor | None = None) -> tuple[Any, list[Any], list[bool]]:
+        """Start one sum all-reduce per bucket; ``check_words`` fill the fused check's tail first."""
         with torch.no_grad():
             for g in self._groups:
                 for b, view in zip(g.buffers, g.buffer_views()):
                     view.copy_(b)
                 if contribute_zeros:
                     g.flat.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
-                elif self.buffer_policy == "broadcast" and dist.group_rank(group) != 0 and g.buffers:
-                    g.flat[g.param_numel :].zero_()  # rank 0's buffers survive the sum unscaled
-            # NCCL averages inside the collective (no extra pass over the buffer); Gloo sums.
-            in_collective = dist.backend() == "nccl" and self.buffer_policy != "broadcast"
-            handles = []
+                elif self.buffer_policy == "broadcast" and self._size_rank(group)[1] != 0 and g.buffers:
+                    g.flat[g.param_numel : g.data_numel].zero_()  # rank 0's buffers survive the sum unscaled
+            if check_words is not None:
+                tail = self._check_group.flat  # type: ignore[union-attr]
+                tail[tail.numel() - check_words.numel() :].copy_(check_words)
+            # NCCL averages inside the collective (no extra pass over the buffer); Gloo sums. The
+            # bucket that carries check words is always summed: its words must arrive exact.
+            nccl_avg = self._size_rank(None)[2] and self.buffer_policy != "broadcast"
+            handles, averaged = [], []
             for g in self._groups:
                 for s, e in g.buckets:
+                    in_collective = nccl_avg and not (check_words is not None and e > g.data_numel)
                     handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=group, average=in_collective))
-        return group, handles, in_collective
+                    averaged.append(in_collective)
+        return group, handles, averaged
 
-    def _finish_average(self, pending: tuple[Any, list[Any], bool], scale: bool = True) -> None:
-        group, handles, in_collective = pending
-        world = dist.group_size(group)
-        divide = scale and world > 1 and not in_collective
+    def _finish_average(self, pending: tuple[Any, list[Any], list[bool]], scale: bool = True) -> None:
+        group, handles, averaged = pending
+        world = self._size_rank(group)[0]
         slices = [(g, s, e) for g in self._groups for s, e in g.buckets]
         with torch.no_grad():
             # Scale each bucket as soon as it arrives, while later buckets are still in flight.
-            for h, (g, s, e) in zip(handles, slices):
+            for h, in_collective, (g, s, e) in zip(handles, averaged, slices):
                 dist.wait(h, "LocalSGD parameter average")
-                if divide:
-                    if self.buffer_policy == "broadcast":  # rank 0's buffers arrive unscaled
-                        e = min(e, g.param_numel)
+                if scale and world > 1 and not in_collective:
+                    # rank 0's buffers arrive unscaled under broadcast; check words are never scaled
+                    e = min(e, g.param_numel if self.buffer_policy == "broadcast" else g.data_numel)
                     if s < e:
                         g.flat[s:e].div_(world)
             if not scale:
@@ -428,6 +466,49 @@ class LocalSGD:
             for g in self._groups:
                 for b, view in zip(g.buffers, g.buffer_views()):
                     b.copy_(view)
+
+    def _size_rank(self, group: Any) -> tuple[int, int, bool]:
+        """(size, this rank's index, NCCL?) of ``group``, looked up once: the sync path runs every round."""
+        info = self._group_info.get(group)
+        if info is None:
+            if not dist.is_initialized():  # no group yet (world size 1): nothing to remember
+                return 1, 0, False
+            info = self._group_info[group] = (dist.group_size(group), dist.group_rank(group), dist.backend() == "nccl")
+        return info
+
+    # ------------------------------------------------------------------ the fused check
+    def _fused_check_words(self, nonfinite: bool, next_h: int, group: Any) -> torch.Tensor:
+        """This rank's check words: its slot (hash, non-finite flag, loss bits) and the stop flag."""
+        g = self._check_group
+        assert g is not None
+        world, me, _ = self._size_rank(group)
+        v = (self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h,
+             *(int(b) for b in self._int_buffer_list))
+        packed = struct.pack(f"<{len(v)}q", *v)
+        digest = struct.pack("<II", zlib.crc32(packed), zlib.crc32(packed, 0x9E3779B9))  # 64 bits, µs
+        mean = self._round_loss[0] / self._round_loss[1] if self._round_loss[1] else float("nan")
+        words = [0] * (_SLOT_WORDS * world + 1)
+        words[_SLOT_WORDS * me : _SLOT_WORDS * (me + 1)] = (*struct.unpack("<4H", digest), int(nonfinite),
+                                                            *struct.unpack("<4H", struct.pack("<d", mean)))
+        words[-1] = int(self.stop_requested)
+        self.stats.check_bytes += len(words) * g.flat.element_size()
+        return torch.tensor(words, dtype=g.flat.dtype, device=g.flat.device)
+
+    def _decode_fused(self, group: Any) -> tuple[bool, bool]:
+        """Read the summed check words: (every hash equal and no rank non-finite, stop requested)."""
+        g = self._check_group
+        assert g is not None
+        world = self._size_rank(group)[0]
+        n = _SLOT_WORDS * world + 1
+        out = g.flat[g.flat.numel() - n :].tolist()  # one device-to-host copy; exact small integers
+        first = out[:4]
+        ok = all(out[i : i + 4] == first and out[i + 4] == 0 for i in range(0, n - 1, _SLOT_WORDS))
+        if ok:
+            losses = [struct.unpack("<d", struct.pack("<4H", *map(int, out[i + 5 : i + 9])))[0]
+                      for i in range(0, n - 1, _SLOT_WORDS)]
+            self.last_round_loss = None if any(x != x for x in losses) else sum(losses) / world
+            self._round_loss = [0.0, 0]
+        return ok, out[-1] > 0
 
     def _optimizer_state_tensors(self) -> list[torch.Tensor]:
         out = []
@@ -450,7 +531,7 @@ class LocalSGD:
         tensors = self._optimizer_state_tensors()
         if not tensors:
             return
-        world = dist.group_size(group)
+        world = self._size_rank(group)[0]
         by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for t in tensors:
             by_key.setdefault((t.device, t.dtype), []).append(t)
@@ -474,32 +555,47 @@ class LocalSGD:
         is_global = self._subgroup is None or not advance_schedule or self.schedule.is_global(self.local_step)
         group = self.group if is_global else self._subgroup
         next_h = self.schedule.fingerprint() if advance_schedule else 0
+        if self.pre_average is not None:
+            self.pre_average(group)
         local_bad = self._local_nonfinite_step()
-        vec, check = self._start_fingerprint(local_bad, next_h, group)
-        pending = None
-        if self.agreement_check == "overlapped":
-            # The average travels while the check does (one latency instead of two); a non-finite
-            # replica sends zeros, and nothing summed is used unless the check passes.
-            pending = self._start_average(group, contribute_zeros=local_bad >= 0)
-        dist.wait(check, "LocalSGD agreement check")
-        disagree, bad, odd, stop, ints = self._decode_fingerprint(vec, group)
-        if pending is not None and (disagree or bad):
-            self._finish_average(pending, scale=False)  # keep every rank's collectives paired
-        if disagree:
-            raise ScheduleDisagreementError(disagree, odd, self.local_step)
+        summed = passed = False
+        if self.agreement_check == "fused" and self._layout_agreed and self._check_group is not None:
+            # One collective: the check words ride at the tail of the averaging buffer. Buckets are
+            # scaled as they arrive; if the check fails the result is discarded (raise or roll back).
+            words = self._fused_check_words(local_bad >= 0, next_h, group)
+            self._finish_average(self._start_average(group, contribute_zeros=local_bad >= 0, check_words=words))
+            summed = True
+            passed, stop = self._decode_fused(group)
+        if not passed:  # the full check: first sync, before/overlapped mode, or a fused check that failed
+            vec, check = self._start_fingerprint(local_bad, next_h, group)
+            pending = None
+            if self.agreement_check == "overlapped" and not summed:
+                # The average travels while the check does (one latency instead of two); a non-finite
+                # replica sends zeros, and nothing summed is used unless the check passes.
+                pending = self._start_average(group, contribute_zeros=local_bad >= 0)
+            dist.wait(check, "LocalSGD agreement check")
+            disagree, bad, odd, stop, ints = self._decode_fingerprint(vec, group)
+            if pending is not None and (disagree or bad):
+                self._finish_average(pending, scale=False)  # keep every rank's collectives paired
+            if disagree:
+                raise ScheduleDisagreementError(disagree, odd, self.local_step)
         if is_global:  # a stop must be agreed by every rank, so only a global sync can decide it
             self.stop_agreed = self.stop_agreed or stop
-        if bad:
-            self._handle_nonfinite(bad)
-            if advance_schedule:
-                self.schedule.advance(self.local_step)
-            self.last_sync_step = self.local_step
-            self.stats.seconds += time.perf_counter() - start
-            return
-        with torch.no_grad():
-            for b, value in zip(self._int_buffer_list, ints):
-                b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
-        self._finish_average(pending if pending is not None else self._start_average(group))
+        if not passed:
+            if bad:
+                self._handle_nonfinite(bad)
+                if advance_schedule:
+                    self.schedule.advance(self.local_step)
+                self.last_sync_step = self.local_step
+                self.stats.seconds += time.perf_counter() - start
+                return
+            with torch.no_grad():
+                for b, value in zip(self._int_buffer_list, ints):
+                    b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
+            if not summed:
+                self._finish_average(pending if pending is not None else self._start_average(group))
+            if is_global:
+                self._layout_agreed = True  # every rank has this layout: the fused check may take over
         if self.outer is not None:
             self._outer_step()
         self._apply_optimizer_state_policy(group)

@@ -57,7 +57,7 @@ def _identical_after_every_sync(rank: int, world: int, policy: str, mode: str = 
     return report
 
 
-@pytest.mark.parametrize(("world", "mode"), [(2, "before"), (4, "before"), (2, "overlapped")])
+@pytest.mark.parametrize(("world", "mode"), [(2, "before"), (2, "overlapped"), (2, "fused"), (4, "fused")])
 def test_parameters_and_buffers_identical_after_every_sync_and_finalize(world: int, mode: str) -> None:
     reports = run_ok(_identical_after_every_sync, world, "average", mode, timeout_s=120)
     r = reports[0]
@@ -67,7 +67,11 @@ def test_parameters_and_buffers_identical_after_every_sync_and_finalize(world: i
     # Exact accounting: payload = rounds x (parameter bytes + float buffer bytes); the check apart.
     assert r["bytes"] == r["rounds"] * (r["param_bytes"] + r["float_buffer_bytes"])
     n_int_buffers = 1
-    assert r["check_bytes"] == r["rounds"] * 8 * (2 * 5 + 3 * world + 1 + n_int_buffers)
+    full_check = 8 * (2 * 5 + 3 * world + 1 + n_int_buffers)  # int64 words of the MAX fingerprint
+    if mode == "fused":  # the first sync checks in full; the others carry 9 float32 words per rank + 1
+        assert r["check_bytes"] == full_check + (r["rounds"] - 1) * 4 * (9 * world + 1)
+    else:
+        assert r["check_bytes"] == r["rounds"] * full_check
     assert all(rep["num_batches_tracked"] == 10 for rep in reports)
 
 
@@ -160,26 +164,38 @@ def test_quadratic_averaged_iterate_equals_minibatch_sgd(H: int) -> None:
 def _nan_on_one_rank(rank: int, world: int, mode: str = "before") -> str:
     model = _bn_model()
     sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), agreement_check=mode)
-    for step in range(1, 5):
-        if rank == 1 and step == 2:
+    for step in range(1, 9):  # a clean first round, so the fused mode's one-collective check sees the NaN
+        if rank == 1 and step == 6:
             with torch.no_grad():
                 model[0].weight[0, 0] = float("nan")
         sync.step(loss=torch.tensor(1.0))
     return "no error"
 
 
-@pytest.mark.parametrize("mode", ["before", "overlapped"])
+@pytest.mark.parametrize("mode", ["before", "overlapped", "fused"])
 def test_nan_on_one_rank_raises_on_every_rank_before_averaging(mode: str) -> None:
     out = run_ranks(_nan_on_one_rank, 2, mode, timeout_s=60)
     for status, msg in out:
         assert status == "error"
-        assert "NonFiniteError" in msg and "rank 1 at step 4" in msg
+        assert "NonFiniteError" in msg and "rank 1 at step 8" in msg
 
 
 def _mismatched_schedules(rank: int, world: int, mode: str = "before") -> str:
     model = _bn_model()
     sync = localsgd.LocalSGD(model, None, schedule=Fixed(2 if rank == 0 else 3), agreement_check=mode)
     for _ in range(6):
+        sync.step()
+    return "no error"
+
+
+def _step_counts_drift_after_a_good_round(rank: int, world: int) -> str:
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2))  # the default fused check
+    sync.step()
+    sync.step()  # a good first round: the fused check takes over
+    if rank == 1:
+        sync.local_step += 2  # two steps rank 1 took without telling the engine
+    for _ in range(4):
         sync.step()
     return "no error"
 
@@ -191,6 +207,36 @@ def test_mismatched_schedules_raise_on_every_rank_without_hanging(mode: str) -> 
         assert status == "error"
         assert "ScheduleDisagreementError" in msg and "ranges over [2, 3]" in msg
         assert "ranks differing from rank 0: [1]" in msg
+
+
+def test_fused_check_names_the_step_disagreement_on_every_rank() -> None:
+    out = run_ranks(_step_counts_drift_after_a_good_round, 2, timeout_s=60)
+    for status, msg in out:
+        assert status == "error"
+        assert "ScheduleDisagreementError" in msg and "step ranges over [4, 5]" in msg
+        assert "ranks differing from rank 0: [1]" in msg
+
+
+def _int_buffers_differ(rank: int, world: int) -> tuple[int, float]:
+    """Integer buffers that drift apart are not an error: the full check takes their maximum."""
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(float(rank))
+    sync.step()  # first sync (full check)
+    model[1].num_batches_tracked.fill_(10 + rank)
+    with torch.no_grad():
+        model[0].bias.add_(float(rank))
+    sync.step()  # fused: the hashes differ, so every rank falls back to the full check, which agrees
+    return int(model[1].num_batches_tracked), float(model[0].bias[0] - _bn_model()[0].bias[0])
+
+
+def test_fused_check_falls_back_and_takes_the_max_of_integer_buffers() -> None:
+    out = run_ok(_int_buffers_differ, 2)
+    assert [n for n, _ in out] == [11, 11]
+    # round 1 averages rank offsets 0 and 1 to 0.5; round 2 adds 0 and 1 and averages again: 1.0
+    assert all(abs(shift - 1.0) < 1e-6 for _, shift in out)
 
 
 def _optimizer_state_policy(rank: int, world: int, policy: str) -> list[bool]:
@@ -234,10 +280,10 @@ def test_averaged_context_evaluates_the_average_and_restores_local_replicas() ->
     assert all(run_ok(_averaged_context, 2))
 
 
-def _skip_round_overlapped(rank: int, world: int) -> bool:
-    """A NaN on rank 1 under the overlapped check: both ranks roll back to the last sync and go on."""
+def _skip_round(rank: int, world: int, mode: str) -> bool:
+    """A NaN on rank 1 under a one-latency check: both ranks roll back to the last sync and go on."""
     model = _bn_model()
-    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2), on_nonfinite="skip_round", agreement_check="overlapped")
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2), on_nonfinite="skip_round", agreement_check=mode)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(float(rank))
@@ -255,5 +301,34 @@ def _skip_round_overlapped(rank: int, world: int) -> bool:
     return restored and sync.stats.skipped_rounds == 1 and sync.stats.rounds == 1
 
 
-def test_overlapped_check_with_skip_round_rolls_every_rank_back() -> None:
-    assert all(run_ok(_skip_round_overlapped, 2))
+@pytest.mark.parametrize("mode", ["overlapped", "fused"])
+def test_one_latency_check_with_skip_round_rolls_every_rank_back(mode: str) -> None:
+    assert all(run_ok(_skip_round, 2, mode))
+
+
+def _pre_average_hook(rank: int, world: int) -> tuple[list[float], bool]:
+    """The hook runs on every rank before each average, may run its own collective, and its
+    changes to the replica are what gets averaged (Delta-STN moves replicas to consensus λ there)."""
+    from localsgd import dist as ldist
+
+    model = _bn_model()
+    seen: list[float] = []
+
+    def hook(group: object) -> None:
+        count = torch.ones(1)
+        ldist.all_reduce_sum_(count, group=group, what="test hook")
+        seen.append(float(count))
+        with torch.no_grad():
+            model[0].bias.add_(float(rank))  # rank r shifts its replica by r just before averaging
+
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2), pre_average=hook)
+    for _ in range(4):
+        sync.step()
+    shift = sum(range(world)) / world  # averaged shift per round
+    expected = _bn_model()[0].bias + 2 * shift
+    return seen, bool(torch.allclose(model[0].bias, expected))
+
+
+def test_pre_average_hook_runs_before_every_average_and_its_changes_are_averaged() -> None:
+    for seen, ok in run_ok(_pre_average_hook, 2):
+        assert seen == [2.0, 2.0] and ok
