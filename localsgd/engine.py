@@ -202,8 +202,6 @@ class LocalSGD:
         if self.group is not None or world % size:
             raise ValueError(f"hierarchical schedule: world size {world} is not a multiple of group_size {size} "
                              "(or a custom process_group was given)")
-        if self.outer is not None and getattr(self.outer, "needs_global_copy", False):
-            raise ValueError("an outer optimizer with a hierarchical schedule is not supported yet")
         if world == 1:
             return None
         return dist.new_subgroups([list(range(s, s + size)) for s in range(0, world, size)])
@@ -596,7 +594,9 @@ class LocalSGD:
                 self._finish_average(pending if pending is not None else self._start_average(group))
             if is_global:
                 self._layout_agreed = True  # every rank has this layout: the fused check may take over
-        if self.outer is not None:
+        if self.outer is not None and is_global:
+            # Hierarchical: group averages are part of the inner optimisation; the outer step sees
+            # the round from the last global average x_t to the global average now (DiLoCo over nodes).
             self._outer_step()
         self._apply_optimizer_state_policy(group)
         self.stats.rounds += 1

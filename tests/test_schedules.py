@@ -196,8 +196,10 @@ def test_adaptive_decisions_agree_across_ranks_and_survive_resume() -> None:
     assert all(r["resumed"] for r in reports)
 
 
-def _hierarchical(rank: int, world: int) -> dict:
-    """4 ranks as 2 'nodes' x 2: group averages every 2 steps, global every 6."""
+def _hierarchical(rank: int, world: int, outer_lr: float | None = None, outer_momentum: float = 0.0) -> dict:
+    """4 ranks as 2 'nodes' x 2: group averages every 2 steps, global every 6 (optionally DiLoCo's
+    Nesterov outer step at the global syncs)."""
+    from localsgd.outer import NesterovOuter
     from localsgd.schedules import Hierarchical
 
     d, lr = 4, 0.05
@@ -209,8 +211,20 @@ def _hierarchical(rank: int, world: int) -> dict:
     holder = nn.Module()
     holder.x = x
     opt = torch.optim.SGD([x], lr=lr)
-    sync = localsgd.LocalSGD(holder, opt, schedule=Hierarchical(H_group=2, H_global=6, group_size=2))
-    y = torch.zeros(d, dtype=torch.float64)
+    outer = None if outer_lr is None else NesterovOuter(lr=outer_lr, momentum=outer_momentum)
+    sync = localsgd.LocalSGD(holder, opt, schedule=Hierarchical(H_group=2, H_global=6, group_size=2), outer=outer)
+    # Reference: the mean over all ranks is mini-batch SGD from the last global point x_t (linearity:
+    # group averages leave it unchanged); at a global sync the outer step moves x_t (§7.2 of the design).
+    y, x_t, v = (torch.zeros(d, dtype=torch.float64) for _ in range(3))
+
+    def outer_reference() -> torch.Tensor:
+        nonlocal v
+        if outer is None:
+            return y
+        delta = x_t - y
+        v = outer_momentum * v + delta
+        return x_t - outer_lr * (delta + outer_momentum * v)
+
     events, worst = [], 0.0
     for t in range(20):
         opt.zero_grad()
@@ -224,16 +238,20 @@ def _hierarchical(rank: int, world: int) -> dict:
             all_same = all(torch.equal(o, out[0]) for o in out)
             events.append((t + 1, same_group, all_same, sync.in_sync))
             if all_same:
+                x_t = y = outer_reference()
                 worst = max(worst, float((x.detach() - y).abs().max()))
     sync.finalize()
+    worst = max(worst, float((x.detach() - outer_reference()).abs().max()))
     out = [None] * world
     tdist.all_gather_object(out, x.detach().clone())
     return {"events": events, "worst": worst, "final_same": all(torch.equal(o, out[0]) for o in out),
             "rounds": sync.stats.rounds, "bytes": sync.stats.bytes}
 
 
-def test_hierarchical_averages_within_nodes_and_globally_on_four_ranks() -> None:
-    reports = run_ok(_hierarchical, 4, timeout_s=120)
+@pytest.mark.parametrize(("outer_lr", "outer_momentum"), [(None, 0.0), (0.7, 0.9)])
+def test_hierarchical_averages_within_nodes_and_globally_on_four_ranks(outer_lr: float | None,
+                                                                       outer_momentum: float) -> None:
+    reports = run_ok(_hierarchical, 4, outer_lr, outer_momentum, timeout_s=120)
     events = reports[0]["events"]
     assert [e[0] for e in events] == list(range(2, 21, 2))
     for step, same_group, all_same, in_sync in events:
