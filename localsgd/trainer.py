@@ -72,7 +72,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     if schedule is None:  # the DDP baseline
         if cfg.outer.name != "average":
             raise ConfigError(f"outer={cfg.outer.name} needs local SGD; schedule=ddp averages gradients instead")
-        step_model, ddp_comm = wrap_ddp(model, cfg.schedule.bucket_cap_mb)
+        step_model, ddp_comm = wrap_ddp(model, cfg.schedule.bucket_cap_mb, cfg.schedule.stop_check_every)
         sync = None
     else:
         sync = LocalSGD(model, plugin.optimizers, schedule, buffers=cfg.sync.buffers,
@@ -115,7 +115,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     metrics.write({"event": "start", "step": start_step, "world_size": world, "backend": dist.backend(),
                    "restart_count": dist.restart_count(), "resumed": start_step > 0})
     faults = FaultInjector()
-    install_preemption_handler(sync)
+    install_preemption_handler(sync if sync is not None else ddp_comm)
 
     def stats() -> SyncStats:
         return sync.stats if sync is not None else ddp_comm.stats  # type: ignore[union-attr]
@@ -177,7 +177,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         # before it leaves records that the resume truncates and writes again.
         if synced and (sync is None or sync.in_sync) and stats().rounds % cfg.checkpoint.every_rounds == 0:
             save(done)
-        if sync is not None and sync.stop_agreed:
+        if (sync if sync is not None else ddp_comm).stop_agreed:  # type: ignore[union-attr]
             save(done)
             metrics.write({"event": "preempted", "step": done})
             raise SystemExit(REQUEUE_EXIT_CODE)
@@ -339,13 +339,12 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def install_preemption_handler(sync: LocalSGD | None) -> None:
-    """SIGTERM/SIGUSR1 ask to stop; all ranks agree at the next sync, checkpoint and exit 75."""
-    if sync is None:
-        return None
+def install_preemption_handler(stopper: LocalSGD | DDPComm) -> None:
+    """SIGTERM/SIGUSR1 ask to stop; all ranks agree at the next sync (DDP: the next stop check),
+    checkpoint and exit 75."""
 
     def handler(signum: int, frame: Any) -> None:
-        sync.stop_requested = True
+        stopper.stop_requested = True
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         try:
@@ -405,11 +404,19 @@ class DDPComm:
     """Communication accounting for DistributedDataParallel, via a counting comm hook."""
 
     stats: SyncStats
+    stop_check_every: int = 10
     local_step: int = 0
+    stop_requested: bool = False  # set by the preemption handler on this rank
+    stop_agreed: bool = False  # some rank asked to stop, known to all at the same step
 
     def step(self) -> bool:
         self.local_step += 1
         self.stats.rounds += 1
+        if self.local_step % self.stop_check_every == 0:
+            flag = torch.tensor([float(self.stop_requested)], device=dist.device())
+            dist.all_reduce_max_(flag, what="DDP preemption check")
+            self.stats.check_bytes += flag.element_size()
+            self.stop_agreed = bool(flag.item() > 0)
         return True
 
     def state_dict(self) -> dict[str, Any]:
@@ -420,10 +427,10 @@ class DDPComm:
         self.stats.load_state_dict(state["stats"])
 
 
-def wrap_ddp(model: nn.Module, bucket_cap_mb: float) -> tuple[nn.Module, DDPComm]:
+def wrap_ddp(model: nn.Module, bucket_cap_mb: float, stop_check_every: int = 10) -> tuple[nn.Module, DDPComm]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    comm = DDPComm(SyncStats())
+    comm = DDPComm(SyncStats(), stop_check_every)
     device = dist.device()
     device_ids = [device.index] if device.type == "cuda" else None
     ddp = DDP(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)

@@ -175,7 +175,10 @@ def test_wandb_offline_writes_one_run_under_rank0_dir_and_disabled_writes_none(t
         assert wandb_dirs == []
 
 
-def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("schedule", "period"), [(["schedule.H=4"], 4),
+                                                  (["schedule=ddp", "schedule.stop_check_every=3"], 3)])
+def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes(
+        tmp_path: Path, schedule: list[str], period: int) -> None:
     import signal
     import subprocess
     import sys
@@ -185,7 +188,7 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
 
     run = tmp_path / "run"
     args = [sys.executable, "-m", "localsgd.train", f"hydra.run.dir={run}", *TINY, "trainer.max_steps=1000000",
-            "trainer.log_every=5", "schedule.H=4", "checkpoint.every_rounds=100000"]
+            "trainer.log_every=5", *schedule, "checkpoint.every_rounds=100000"]
 
     def trained_since_start(n_starts: int) -> int:
         if not (run / "metrics.jsonl").exists():
@@ -211,7 +214,7 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
     first = start_and_stop(1)
     assert first.returncode == 75, output(first)
     stopped = records(run, "preempted")[-1]["step"]
-    assert stopped % 4 == 0 and (run / f"checkpoints/step-{stopped}/manifest.json").exists()
+    assert stopped % period == 0 and (run / f"checkpoints/step-{stopped}/manifest.json").exists()
     second = start_and_stop(2)
     assert second.returncode == 75, output(second)
     assert records(run, "start")[-1] == {**records(run, "start")[-1], "resumed": True, "step": stopped}

@@ -70,7 +70,12 @@ class DDPConfig:
 
     name: str = "ddp"
     bucket_cap_mb: float = 25.0
+    # DDP has no round boundary to carry a stop flag: every this many steps a 1-element MAX all-reduce
+    # lets a preemption signal seen by any rank stop all of them at the same step (ours).
+    stop_check_every: int = 10
 
     def problems(self):
         if self.bucket_cap_mb <= 0:
             yield "bucket_cap_mb", self.bucket_cap_mb, "must be > 0"
+        if self.stop_check_every < 1:
+            yield "stop_check_every", self.stop_check_every, "must be >= 1"
