@@ -368,7 +368,7 @@ class NoiseScaleProbe:
         if world < 2:
             raise ConfigError("ramp=noise_scale needs >= 2 workers (the big batch is the all-reduced gradient)")
         self.ramp, self.world, self.every = ramp, world, cfg.measure_every_rounds
-        self.estimator = ramp_lib.NoiseScaleEstimator(1, world, ema=cfg.ema)
+        self.estimator = ramp_lib.NoiseScaleEstimator(1, world, ema=cfg.ema, discard_first=cfg.warmup_measurements)
         self.bytes = 0
         self.last_b_simple = float("nan")
 

@@ -277,6 +277,25 @@ def test_estimator_nan_until_both_emas_positive_and_bias_correction() -> None:
         est2.update(math.nan, 1.0)
 
 
+def test_estimator_discards_the_first_draws_from_its_emas() -> None:
+    """An outlier first draw (initialisation) does not leak into the EMAs when discarded."""
+    est = NoiseScaleEstimator(b_small=4, b_big=16, ema=0.95, discard_first=2)
+    ref = NoiseScaleEstimator(b_small=4, b_big=16, ema=0.95)
+    est.update(100.0, 1.0)  # B_simple of this draw alone is huge
+    est.update(3.0, 1.5)
+    assert math.isnan(est.b_simple()) and est.count == 0 and est.seen == 2
+    assert (est.last_grad_sq, est.last_trace_sigma) == two_batch_estimates(3.0, 1.5, 4, 16)
+    for small, big in ((3.0, 1.5), (2.5, 1.25)):
+        est.update(small, big)
+        ref.update(small, big)
+    assert est.b_simple() == ref.b_simple() and est.count == ref.count == 2
+    restored = NoiseScaleEstimator(b_small=4, b_big=16, ema=0.95, discard_first=2)
+    restored.load_state_dict(copy.deepcopy(est.state_dict()))
+    assert restored.state_dict() == est.state_dict()
+    with pytest.raises(ValueError, match="discard_first"):
+        NoiseScaleEstimator(4, 16, discard_first=-1)
+
+
 def test_estimator_batch_override_and_state_round_trip() -> None:
     est = NoiseScaleEstimator(b_small=4, b_big=16)
     est.update(3.0, 1.5)
