@@ -230,9 +230,19 @@ def check_config(cfg: DictConfig) -> TrainConfig:
         value = getattr(obj, section.name)
         if hasattr(value, "problems"):
             problems += [f"{section.name}.{k}={v!r}: {why}" for k, v, why in value.problems()]
+    problems += list(_combination_problems(obj))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return obj
+
+
+def _combination_problems(obj: TrainConfig) -> Iterator[str]:
+    """Choices that are valid alone but not together."""
+    decay = getattr(obj.optimizer, "lr_decay", "none")
+    if obj.ramp.name == "smith" and decay != "none":
+        # Smith et al. grow the batch *instead of* decaying the LR; both would shrink the noise twice.
+        yield (f"optimizer.lr_decay={decay!r}: ramp=smith replaces the LR decay by batch growth; "
+               "set optimizer.lr_decay=none (the ramp decays the LR itself once the batch reaches b_max)")
 
 
 class _open:

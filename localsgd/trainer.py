@@ -87,7 +87,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     noise = NoiseScaleProbe(cfg.ramp, ramp, world) if cfg.ramp.name == "noise_scale" else None
     stich = None  # Stich's step size and weighted iterate average (schedule=stich, paper_lr=true)
     if cfg.schedule.name == "stich" and cfg.schedule.paper_lr:
-        a = schedule.shift(cfg.schedule.mu, cfg.schedule.L)  # type: ignore[union-attr]
+        a = schedule.shift(cfg.schedule.mu, cfg.schedule.L, cfg.schedule.shift_kappa)  # type: ignore[union-attr]
         stich = WeightedIterateAverage(sync.param_buffers(), a)  # type: ignore[union-attr]
     dist.set_timeout(cfg.comm.train_timeout_s)
 
@@ -146,7 +146,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             ctx.after_backward = noise.hook(step, batch_size) if noise.due(sync) else None
         if stich is not None:
             stich.accumulate(sync.param_buffers(), step)  # type: ignore[union-attr]
-            ctx.lr_override = stich_lr(step, cfg.schedule.mu, stich.a)
+            ctx.lr_override = stich_lr(step, cfg.schedule.mu, stich.a, cfg.schedule.lr_numerator)
         idx = sampler.next_indices(batch_size)
         out = plugin.train_step(step_model, (x_train[idx], y_train[idx]), step, ctx)
         faults.after_step(step + 1, model)

@@ -70,6 +70,12 @@ def test_bad_values_and_forced_unknown_keys_are_named(override: str, named: str)
     assert named in str(err.value)
 
 
+def test_smith_ramp_with_an_lr_decay_is_refused_naming_both() -> None:
+    with pytest.raises(ConfigError, match=r"optimizer.lr_decay='step': ramp=smith replaces the LR decay"):
+        check_config(_compose("ramp=smith", "optimizer.lr_decay=step"))
+    assert check_config(_compose("ramp=smith")).ramp.name == "smith"  # alone it is fine
+
+
 @pytest.mark.parametrize(("override", "named"), [("optimizer.lr=abc", "optimizer.lr"),
                                                   ("optimizer.lrr=0.1", "lrr"),
                                                   ("trainer.max_stepz=3", "max_stepz")])

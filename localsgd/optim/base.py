@@ -7,8 +7,10 @@ state) fit behind the same interface: ``train_step`` may draw validation batches
 :class:`StepContext`, ``averaged_tensors`` adds tensors to what ``LocalSGD`` averages, and
 ``optimizers`` exposes every torch optimizer to the optimizer-state policy and to checkpoints.
 
-The learning-rate schedule (linear warm-up, then constant, cosine or step decay) is a pure function
-of the local step, which is the same on every rank.
+The learning-rate schedule (linear warm-up, then constant, cosine, step or polynomial decay) is a pure
+function of the local step, which is the same on every rank. The polynomial decay γ_k = ν·k^(−α),
+α ∈ (½, 1), is the large step size Patel & Dieuleveut pair with growing communication intervals
+(NeurIPS 2019, arXiv 1904.11325; ``shared/design/schedules.md`` §2.4); k counts steps after warm-up.
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ class StepContext:
 
 
 def lr_at(step: int, base_lr: float, *, warmup_steps: int, decay: str, total_steps: int,
-          milestones: Sequence[float], factor: float) -> float:
-    """Learning rate before optimizer step ``step`` (0-based): warm-up, then constant/cosine/step.
+          milestones: Sequence[float], factor: float, power: float = 0.75) -> float:
+    """Learning rate before optimizer step ``step`` (0-based): warm-up, then constant/cosine/step/poly.
 
-    ``milestones`` are fractions of ``total_steps`` at which step decay multiplies by ``factor``.
+    ``milestones`` are fractions of ``total_steps`` at which step decay multiplies by ``factor``;
+    ``poly`` gives base_lr·k^(−power) with k = 1, 2, … counted from the end of the warm-up.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -62,6 +65,8 @@ def lr_at(step: int, base_lr: float, *, warmup_steps: int, decay: str, total_ste
     if decay == "step":
         passed = sum(1 for m in milestones if step >= int(m * total_steps))
         return base_lr * factor**passed
+    if decay == "poly":
+        return base_lr * (step - warmup_steps + 1) ** -power
     return base_lr
 
 

@@ -16,16 +16,18 @@ from torch import nn
 
 from .base import OptimizerPlugin, StepContext, StepOutput, lr_at
 
-LR_DECAYS = ("none", "cosine", "step")
+LR_DECAYS = ("none", "cosine", "step", "poly")
 
 
 @dataclass
 class LRScheduleFields:
     lr: float = 0.1
     warmup_steps: int = 0
-    lr_decay: str = "none"  # none | cosine | step
+    lr_decay: str = "none"  # none | cosine | step | poly
     decay_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     decay_factor: float = 0.1
+    # poly: lr·k^(−decay_power) (Patel & Dieuleveut's γ_k = ν k^(−α), α in (1/2, 1); 0.75 is ours)
+    decay_power: float = 0.75
 
     def _lr_problems(self) -> Iterator[tuple[str, Any, str]]:
         if not self.lr > 0:
@@ -38,6 +40,8 @@ class LRScheduleFields:
             yield "decay_milestones", list(self.decay_milestones), "must be fractions of max_steps in (0, 1]"
         if not 0 < self.decay_factor <= 1:
             yield "decay_factor", self.decay_factor, "must be in (0, 1]"
+        if self.lr_decay == "poly" and not 0.5 < self.decay_power < 1:
+            yield "decay_power", self.decay_power, "must be in (0.5, 1) (Patel & Dieuleveut's α)"
 
 
 @dataclass
@@ -94,7 +98,7 @@ class TorchOptimizerPlugin(OptimizerPlugin):
     def lr(self, step: int) -> float:
         c = self.cfg
         return lr_at(step, c.lr, warmup_steps=c.warmup_steps, decay=c.lr_decay, total_steps=self.total_steps,
-                     milestones=c.decay_milestones, factor=c.decay_factor)
+                     milestones=c.decay_milestones, factor=c.decay_factor, power=c.decay_power)
 
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
                    ctx: StepContext) -> StepOutput:

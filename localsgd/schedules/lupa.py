@@ -52,7 +52,8 @@ class QSR(SyncSchedule):
 
     def observe(self, *, step: int, loss: float | None = None, lr: float | None = None) -> None:
         if lr:
-            self.H = max(self.H_base, math.floor((self.alpha / lr) ** 2))
+            # + 1e-9: (0.3/0.05)**2 is 35.99999999999999 in floating point and must give 36
+            self.H = max(self.H_base, math.floor((self.alpha / lr) ** 2 + 1e-9))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "H": self.H}

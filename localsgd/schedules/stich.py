@@ -7,7 +7,8 @@ R = ⌈T/H⌉ ≈ √(T·K·b)/c rounds. The constant ``c`` (default 1) is ours,
 Optionally (``paper_lr: true``, strongly convex problems with known μ and L) the paper's Theorem 2.2
 step size **η_t = 4/(μ(a+t))** with shift **a = max(16κ, H)**, κ = L/μ, and its output, the weighted
 average **x̂_T = (1/S_T) Σ_{t<T} w_t x̄_t, w_t = (a+t)²**, S_T = Σ w_t (the constants are unverified
-against the full text, ``shared/design/schedules.md`` §1.2). x̄_t exists only at syncs, but w_t is a
+against the full text, ``shared/design/schedules.md`` §1.2, so both are config values with the
+paper's defaults: ``lr_numerator`` = 4 and ``shift_kappa`` = 16). x̄_t exists only at syncs, but w_t is a
 scalar, so Σ_t w_t x̄_t = (1/K) Σ_k Σ_t w_t x_t^k: each worker keeps its own weighted running sum and
 one all-reduce at the end averages the sums, exactly (:class:`WeightedIterateAverage`).
 """
@@ -45,17 +46,17 @@ class Stich(SyncSchedule):
     def rounds(self) -> int:
         return -(-self.total_steps // self.H)
 
-    def shift(self, mu: float, L: float) -> float:
-        """a = max(16κ, H) with κ = L/μ (Corollary 2.3)."""
-        return max(16 * L / mu, self.H)
+    def shift(self, mu: float, L: float, shift_kappa: float = 16.0) -> float:
+        """a = max(16κ, H) with κ = L/μ (Corollary 2.3; the 16 is ``shift_kappa``)."""
+        return max(shift_kappa * L / mu, self.H)
 
     def describe(self) -> str:
         return f"stich(H={self.H})"
 
 
-def stich_lr(t: int, mu: float, a: float) -> float:
-    """η_t = 4 / (μ (a + t)), t the 0-based local step."""
-    return 4.0 / (mu * (a + t))
+def stich_lr(t: int, mu: float, a: float, numerator: float = 4.0) -> float:
+    """η_t = 4 / (μ (a + t)), t the 0-based local step (the 4 is ``numerator``)."""
+    return numerator / (mu * (a + t))
 
 
 class WeightedIterateAverage:
@@ -109,11 +110,16 @@ class StichConfig:
     paper_lr: bool = False  # η_t = 4/(μ(a+t)) and the (a+t)²-weighted iterate average as the output
     mu: float = 0.0  # strong-convexity constant (needed with paper_lr)
     L: float = 0.0  # smoothness constant (needed with paper_lr)
+    lr_numerator: float = 4.0  # η_t = lr_numerator/(μ(a+t)); Theorem 2.2's 4, unverified (schedules.md §1.2)
+    shift_kappa: float = 16.0  # a = max(shift_kappa·κ, H); Theorem 2.2's 16, unverified (schedules.md §1.2)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if not self.c > 0:
             yield "c", self.c, "must be > 0"
         if self.paper_lr and not (self.mu > 0 and self.L >= self.mu):
             yield "mu", (self.mu, self.L), "paper_lr needs mu > 0 and L >= mu"
+        for key in ("lr_numerator", "shift_kappa"):
+            if not getattr(self, key) > 0:
+                yield key, getattr(self, key), "must be > 0"
         if self.H_max is not None and self.H_max < 1:
             yield "H_max", self.H_max, "must be >= 1 or null"
