@@ -661,6 +661,8 @@ class LocalSGD:
             "schedule": self.schedule.state_dict(),
             "consecutive_skips": self._consecutive_skips,
             "outer": None if self.outer is None else self.outer.state_dict(),
+            # x_t, the round's start, only when saved mid-round (at a global sync it equals the parameters)
+            "outer_round_start": None if self._global is None or self.in_sync else [t.clone() for t in self._global],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -675,7 +677,11 @@ class LocalSGD:
         self._check_layout()
         if self.outer is not None and state.get("outer") is not None:
             self.outer.load_state_dict(state["outer"])
-        self._reset_global_copy()  # checkpoints are taken right after a sync, where x_t = the parameters
+        self._reset_global_copy()  # right after a global sync x_t = the parameters
+        saved_start = state.get("outer_round_start")
+        if saved_start is not None and self._global is not None:
+            for t, saved in zip(self._global, saved_start, strict=True):
+                t.copy_(saved)
         if self.on_nonfinite == "skip_round":
             self._take_snapshot()
 

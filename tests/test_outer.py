@@ -191,3 +191,39 @@ def test_bad_configs_are_named(cfg, field: str) -> None:
     assert [p[0] for p in cfg.problems()] == [field]
     with pytest.raises(ValueError, match=field):
         build(cfg)
+
+
+def _outer_run(steps: range, model: torch.nn.Module, opt: torch.optim.Optimizer, sync) -> None:
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sync.step()
+
+
+def test_engine_state_saved_mid_round_keeps_the_outer_round_start() -> None:
+    """A LocalSGD state_dict taken between syncs must carry x_t, or the next outer step is wrong."""
+    import localsgd
+    from localsgd.schedules import Fixed
+
+    def build(seed: int = 0):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, localsgd.LocalSGD(model, opt, schedule=Fixed(4), outer=NesterovOuter())
+
+    model, opt, sync = build()
+    _outer_run(range(10), model, opt, sync)  # two rounds, then 2 steps into the third
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sync.state_dict()))
+    assert saved[2]["outer_round_start"] is not None
+    _outer_run(range(10, 12), model, opt, sync)  # the third round's outer step
+    model2, opt2, sync2 = build(seed=1)  # other weights: everything must come from the checkpoint
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sync2.load_state_dict(saved[2])
+    _outer_run(range(10, 12), model2, opt2, sync2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert sync.state_dict()["outer_round_start"] is None  # right after a sync x_t is the parameters
