@@ -3,6 +3,7 @@ exactness of averaging on a quadratic for every schedule, and rank agreement of 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -199,32 +200,50 @@ def test_every_schedule_keeps_the_averaged_iterate_equal_to_minibatch_sgd_on_a_q
         assert report["syncs"]["one_shot"] == []
 
 
-def _adaptive_agreement(rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sync = localsgd.LocalSGD(model, opt, schedule=AdaComm(tau0=4, interval_steps=4))
-    taus, saved = [], None
-    for step in range(1, 61):
-        local_loss = 5.0 / step * (1 + rank)  # ranks see different losses; the decision must agree
-        if sync.step(loss=torch.tensor(local_loss)):
-            taus.append(sync.schedule.tau)
-        if step == 30:
-            saved, tau_at_30, next_at_30 = sync.state_dict(), sync.schedule.tau, sync.schedule.next_sync_step
-    resumed = localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=AdaComm(tau0=4, interval_steps=4))
+ADAPTIVE_MAKERS = {"adacomm": lambda: AdaComm(tau0=4, interval_steps=4), "qsr": lambda: QSR(H_base=2, alpha=0.3),
+                   "adaptive_pd": lambda: AdaptivePD(N1=1, N_max=12, loss_floor=0.5)}
+
+
+def _adaptive_agreement(rank: int, world: int, name: str) -> dict:
+    """Ranks see different losses; decisions come from all-reduced values, so they agree. A resume from
+    a mid-run state_dict continues with exactly the uninterrupted run's decisions."""
+
+    def run(sync: localsgd.LocalSGD, opt: torch.optim.Optimizer, steps: range) -> list[int]:
+        synced = []
+        for step in steps:
+            for group in opt.param_groups:
+                group["lr"] = 0.1 / (1 + step / 10)  # a decaying LR (QSR reads it)
+            if sync.step(loss=torch.tensor(5.0 / step * (1 + rank))):
+                synced.append(step)
+        return synced
+
+    def build() -> tuple[localsgd.LocalSGD, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return localsgd.LocalSGD(model, opt, schedule=ADAPTIVE_MAKERS[name]()), opt
+
+    sync, opt = build()
+    first = run(sync, opt, range(1, 31))
+    saved = copy.deepcopy(sync.state_dict())
+    rest = run(sync, opt, range(31, 81))
+    resumed, opt2 = build()
     resumed.load_state_dict(saved)
+    rest_resumed = run(resumed, opt2, range(31, 81))
     out: list = [None] * world
-    tdist.all_gather_object(out, taus)
-    return {"taus": out, "rounds": sync.stats.rounds, "loss": sync.last_round_loss,
-            "resumed": (resumed.schedule.tau, resumed.schedule.next_sync_step) == (tau_at_30, next_at_30)}
+    tdist.all_gather_object(out, first + rest)
+    return {"syncs": out, "loss": sync.last_round_loss, "resumed_equal": rest_resumed == rest}
 
 
-def test_adaptive_decisions_agree_across_ranks_and_survive_resume() -> None:
-    reports = run_ok(_adaptive_agreement, 2)
-    taus = reports[0]["taus"]
-    assert taus[0] == taus[1] and len(set(taus[0])) > 1  # identical, and it actually adapted
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_MAKERS))
+def test_adaptive_decisions_agree_across_ranks_and_survive_resume(name: str) -> None:
+    reports = run_ok(_adaptive_agreement, 2, name)
+    syncs = reports[0]["syncs"]
+    assert syncs[0] == syncs[1]
+    gaps = {b - a for a, b in zip([0, *syncs[0]], syncs[0])}
+    assert len(gaps) > 1, gaps  # it actually adapted
     assert reports[0]["loss"] == reports[1]["loss"]  # the all-reduced loss, bit-identical on both ranks
-    assert all(r["resumed"] for r in reports)
+    assert all(r["resumed_equal"] for r in reports)
 
 
 def _hierarchical(rank: int, world: int, outer_lr: float | None = None, outer_momentum: float = 0.0) -> dict:
