@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .engine import LocalSGD, SyncStats
 from .errors import CheckpointError, ConfigError
 from .metrics import MetricsLog, Progress, Tracker, human_bytes, summary_table
+from .optim.base import ValidationShard
 from .sampler import ShardSampler
 from .schedules.stich import WeightedIterateAverage, stich_lr
 from .testing.faults import FaultInjector
@@ -66,6 +67,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size, first_decay,
                                                                       dist.local_world_size()))
     plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
+    validation = None  # a held-out shard per worker for plugins that tune on validation data (STN)
+    if plugin.validation_fraction > 0:
+        validation = ValidationShard(x_train, y_train, plugin.validation_fraction, tc.batch_size, rank, world, tc.seed)
+        x_train, y_train = x_train[validation.train_index.to(device)], y_train[validation.train_index.to(device)]
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
     step_model: nn.Module = model
     ddp_comm = None
@@ -79,11 +84,13 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                         optimizer_state=cfg.sync.optimizer_state, on_nonfinite=cfg.sync.on_nonfinite,
                         max_skipped_rounds=cfg.sync.max_skipped_rounds, bucket_cap_mb=cfg.sync.bucket_cap_mb,
                         extra_tensors=plugin.averaged_tensors(), config_hash=int(config_digest[:8], 16),
-                        outer=outer_lib.build(cfg.outer), agreement_check=cfg.sync.agreement_check)
+                        outer=outer_lib.build(cfg.outer), agreement_check=cfg.sync.agreement_check,
+                        pre_average=plugin.pre_average)
     sampler = ShardSampler(len(y_train), rank, world, tc.seed)
     # Different dropout/augmentation noise per rank, deterministic for the seed.
     seed_everything(tc.seed + 7919 * (rank + 1))
-    ctx = optim_lib.StepContext(loss_fn=F.cross_entropy)
+    ctx = optim_lib.StepContext(loss_fn=F.cross_entropy,
+                                next_val_batch=validation.next_batch if validation is not None else None)
     noise = NoiseScaleProbe(cfg.ramp, ramp, world) if cfg.ramp.name == "noise_scale" else None
     stich = None  # Stich's step size and weighted iterate average (schedule=stich, paper_lr=true)
     if cfg.schedule.name == "stich" and cfg.schedule.paper_lr:
@@ -97,7 +104,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                         cfg.checkpoint.fallback)
     start_step, wall_before, wandb_id = 0, 0.0, None
     # Per-rank state beyond the engine's, checkpointed and restored by name.
-    extra_state: dict[str, Any] = {k: v for k, v in (("ramp", ramp), ("noise_scale", noise), ("stich", stich))
+    extra_state: dict[str, Any] = {k: v for k, v in (("ramp", ramp), ("noise_scale", noise), ("stich", stich),
+                                                     ("validation", validation))
                                    if v is not None}
     if cfg.checkpoint.resume:
         found = ckpt.find_latest()
@@ -163,6 +171,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                       "samples": sampler.samples_seen * world, **comm_record(stats())}
             if noise is not None:
                 record["b_simple"] = noise.last_b_simple
+            record.update(plugin.log_values())
             metrics.write(record)
             tracker.log({k: v for k, v in record.items() if k != "event"}, step=done)
             progress.update(len(window), loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",

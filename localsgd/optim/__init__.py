@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from ..registry import Registry
+from ..stn.plugin import StnConfig, build_stn
 from .base import OptimizerPlugin, StepContext, StepOutput, first_decay_step, lr_at
 from .torch_optim import AdamWConfig, SGDConfig, build_adamw, build_sgd
 
@@ -15,7 +16,11 @@ __all__ = ["OPTIMIZERS", "OptimizerPlugin", "StepContext", "StepOutput", "build"
 OPTIMIZERS: Registry[OptimizerPlugin] = Registry("optimizer")
 OPTIMIZERS.register("sgd", SGDConfig)(build_sgd)
 OPTIMIZERS.register("adamw", AdamWConfig)(build_adamw)
+OPTIMIZERS.register("stn", StnConfig)(build_stn)
 
 
 def build(cfg: Any, model: nn.Module, total_steps: int) -> OptimizerPlugin:
-    return OPTIMIZERS.build(cfg, list(model.parameters()), total_steps)
+    entry = OPTIMIZERS.get(cfg.name)
+    if getattr(entry.build, "takes_model", False):  # e.g. STN, which replaces the model's layers in place
+        return entry.build(cfg, model, total_steps)
+    return entry.build(cfg, list(model.parameters()), total_steps)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..sampler import ShardSampler
+
 
 @dataclass
 class StepOutput:
@@ -81,6 +83,11 @@ class OptimizerPlugin(abc.ABC):
     """One worker's optimizer(s) and local step."""
 
     optimizers: list[torch.optim.Optimizer]
+    # Fraction of the training set the trainer holds out as per-worker validation shards, served
+    # through ``StepContext.next_val_batch`` (0: the plugin needs no validation data).
+    validation_fraction: float = 0.0
+    # ``LocalSGD(pre_average=...)``: called with the process group right before each average.
+    pre_average: Callable[[Any], None] | None = None
 
     @abc.abstractmethod
     def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
@@ -95,9 +102,47 @@ class OptimizerPlugin(abc.ABC):
         """Extra tensors LocalSGD averages with the parameters (e.g. STN hyperparameters)."""
         return []
 
+    def log_values(self) -> dict[str, float]:
+        """Extra figures for the trainer's ``train`` records (e.g. STN's current hyperparameters)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
+
+
+class ValidationShard:
+    """This worker's validation batches for ``StepContext.next_val_batch``, held out from training.
+
+    A seeded permutation, the same on every rank, holds out ``fraction`` of the training samples and
+    splits them into one fixed, disjoint part per rank, as each worker would hold out part of its own
+    local data; a rank draws batches from its part only (reshuffled every epoch, checkpointed).
+    ``train_index`` lists the samples left for training, in their original order.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, fraction: float, batch_size: int, rank: int, world: int,
+                 seed: int) -> None:
+        n = len(y)
+        n_val = int(round(fraction * n))
+        if not world <= n_val < n:
+            raise ValueError(f"validation fraction {fraction} of {n} training samples leaves {n_val} for "
+                             f"validation; need at least one per worker ({world}) and some for training")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7))
+        self.train_index = perm[n_val:].sort().values
+        mine = perm[:n_val][rank::world].to(y.device)
+        self.x, self.y = x[mine], y[mine]
+        self.batch_size = batch_size
+        self.sampler = ShardSampler(len(mine), 0, 1, seed * 1_000_003 + 11 * (rank + 1))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.sampler.next_indices(self.batch_size).to(self.y.device)
+        return self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
