@@ -498,6 +498,7 @@ build_metz_unsupervised.takes_model = True  # type: ignore[attr-defined]  # it r
 # localsgd.optim imports this module to register optimizer=metz_unsupervised, so the plugin's base class is
 # imported only here, after the config and builder: whichever module loads first, the other finds them.
 from ..optim.base import OptimizerPlugin, StepContext, StepOutput, lr_at  # noqa: E402
+from ..optim.torch_optim import supervised_step  # noqa: E402
 
 
 class MetzUnsupervisedPlugin(OptimizerPlugin):
@@ -535,14 +536,7 @@ class MetzUnsupervisedPlugin(OptimizerPlugin):
         lr = ctx.lr_override if ctx.lr_override is not None else self.lr(step) * ctx.lr_scale
         for group in opt.param_groups:
             group["lr"] = lr
-        logits = model(x)
-        loss = ctx.loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ctx.after_backward is not None:
-            ctx.after_backward(model)
-        opt.step()
-        return StepOutput(loss.detach(), int(y.shape[0]), logits.detach(), y)
+        return supervised_step(model, opt, (x, y), ctx)
 
     @torch.no_grad()
     def _rule_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepOutput:

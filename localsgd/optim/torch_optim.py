@@ -108,17 +108,23 @@ class TorchOptimizerPlugin(OptimizerPlugin):
             for group in opt.param_groups:
                 group["lr"] = lr
             self._last_lr = lr
-        x, y = batch
         if not model.training:  # the call walks every module: skip it on the hot path
             model.train()
-        logits = model(x)
-        loss = ctx.loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ctx.after_backward is not None:
-            ctx.after_backward(model)
-        opt.step()
-        return StepOutput(loss.detach(), int(y.shape[0]), logits.detach(), y)
+        return supervised_step(model, opt, batch, ctx)
+
+
+def supervised_step(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+                    ctx: StepContext) -> StepOutput:
+    """One cross-entropy step: forward, backward, the after-backward hook, ``opt.step()``."""
+    x, y = batch
+    logits = model(x)
+    loss = ctx.loss_fn(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if ctx.after_backward is not None:
+        ctx.after_backward(model)
+    opt.step()
+    return StepOutput(loss.detach(), int(y.shape[0]), logits.detach(), y)
 
 
 def build_sgd(cfg: SGDConfig, params: list[nn.Parameter], total_steps: int) -> OptimizerPlugin:
