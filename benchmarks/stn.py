@@ -61,8 +61,7 @@ from localsgd.data import MNIST1DConfig  # noqa: E402
 from localsgd.data import build as build_data  # noqa: E402
 from localsgd.models import CNN1D  # noqa: E402
 from localsgd.optim import StepContext  # noqa: E402
-from localsgd.optim.base import ValidationShard  # noqa: E402
-from localsgd.sampler import ShardSampler  # noqa: E402
+from localsgd.sampler import ShardSampler, ValidationShard  # noqa: E402
 from localsgd.stn import StnConfig, StnPlugin, build_stn, move_to_hyperparameters_  # noqa: E402
 from localsgd.stn.plugin import perturbation_seed  # noqa: E402
 
@@ -137,8 +136,11 @@ def simulate(data: Data, K: int, steps: int, seed: int, channels: int, *, tune: 
         hyper = tune and plugins[0].is_hyper_step(step)
         compute += K * (1 if hyper or not tune else 2)
         for k in range(K):
-            idx = samplers[k].next_indices(BATCH)
-            plugins[k].train_step(models[k], (x[idx], y[idx]), step, ctxs[k])
+            batch = None  # as in the trainer: a hyper step draws no training batch
+            if plugins[k].uses_train_batch(step):
+                idx = samplers[k].next_indices(BATCH)
+                batch = (x[idx], y[idx])
+            plugins[k].train_step(models[k], batch, step, ctxs[k])
         if (step + 1) % H == 0 or step + 1 == steps:
             average(models, plugins, jacobian)
             trajectory.append((step + 1, plugins[0].space.values()))

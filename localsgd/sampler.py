@@ -6,6 +6,9 @@ takes every W-th index starting at its rank, truncated to ``N // W`` so all shar
 disjoint (the ``N mod W`` leftover indices are skipped that epoch; they are different ones each epoch).
 The sampler keeps a *sample* cursor, so a batch size that changes mid-epoch neither skips nor repeats
 data and a resume continues with exactly the remaining indices (``reliability.md`` T10).
+
+:class:`ValidationShard` holds out a seeded fraction of the training set as one fixed, disjoint
+validation part per rank (for plugins that tune on validation data, such as ``optimizer=stn``).
 """
 
 from __future__ import annotations
@@ -83,3 +86,37 @@ class ShardSampler:
         self.cursor = int(state["cursor"])
         self.samples_seen = int(state["samples_seen"])
         self._shard = self._make_shard(self.epoch)
+
+
+class ValidationShard:
+    """This worker's validation batches for ``optim.StepContext.next_val_batch``, held out from training.
+
+    A seeded permutation, the same on every rank, holds out ``fraction`` of the training samples and
+    splits them into one fixed, disjoint part per rank, as each worker would hold out part of its own
+    local data; a rank draws batches from its part only (reshuffled every epoch, checkpointed).
+    ``train_index`` lists the samples left for training, in their original order.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, fraction: float, batch_size: int, rank: int, world: int,
+                 seed: int) -> None:
+        n = len(y)
+        n_val = int(round(fraction * n))
+        if not world <= n_val < n:
+            raise ValueError(f"validation fraction {fraction} of {n} training samples leaves {n_val} for "
+                             f"validation; need at least one per worker ({world}) and some for training")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7))
+        self.train_index = perm[n_val:].sort().values
+        mine = perm[:n_val][rank::world].to(y.device)
+        self.x, self.y = x[mine], y[mine]
+        self.batch_size = batch_size
+        self.sampler = ShardSampler(len(mine), 0, 1, seed * 1_000_003 + 11 * (rank + 1))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.sampler.next_indices(self.batch_size).to(self.y.device)
+        return self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)

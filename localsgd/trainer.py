@@ -38,8 +38,7 @@ from .config import TrainConfig
 from .engine import LocalSGD, SyncStats
 from .errors import CheckpointError, ConfigError
 from .metrics import MetricsLog, Progress, Tracker, human_bytes, summary_table
-from .optim.base import ValidationShard
-from .sampler import ShardSampler
+from .sampler import ShardSampler, ValidationShard
 from .schedules.stich import WeightedIterateAverage, stich_lr
 from .testing.faults import FaultInjector
 
@@ -155,8 +154,11 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         if stich is not None:
             stich.accumulate(sync.param_buffers(), step)  # type: ignore[union-attr]
             ctx.lr_override = stich_lr(step, cfg.schedule.mu, stich.a, cfg.schedule.lr_numerator)
-        idx = sampler.next_indices(batch_size)
-        out = plugin.train_step(step_model, (x_train[idx], y_train[idx]), step, ctx)
+        batch = None  # a step without training data (STN's hyper steps) must not advance the data stream
+        if plugin.uses_train_batch(step):
+            idx = sampler.next_indices(batch_size)
+            batch = (x_train[idx], y_train[idx])
+        out = plugin.train_step(step_model, batch, step, ctx)
         faults.after_step(step + 1, model)
         if sync is not None:
             synced = sync.step(loss=out.loss)

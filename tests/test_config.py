@@ -70,6 +70,14 @@ def test_bad_values_and_forced_unknown_keys_are_named(override: str, named: str)
     assert named in str(err.value)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "learned", "metz_unsupervised", "stn"])
+def test_every_optimizer_takes_the_poly_decay_and_checks_its_power(optimizer: str) -> None:
+    cfg = check_config(_compose(f"optimizer={optimizer}", "optimizer.lr_decay=poly", "optimizer.decay_power=0.6"))
+    assert cfg.optimizer.lr_decay == "poly" and cfg.optimizer.decay_power == 0.6
+    with pytest.raises(ConfigError, match=r"optimizer.decay_power=1.5: must be in \(0.5, 1\)"):
+        check_config(_compose(f"optimizer={optimizer}", "optimizer.lr_decay=poly", "optimizer.decay_power=1.5"))
+
+
 def test_smith_ramp_with_an_lr_decay_is_refused_naming_both() -> None:
     with pytest.raises(ConfigError, match=r"optimizer.lr_decay='step': ramp=smith replaces the LR decay"):
         check_config(_compose("ramp=smith", "optimizer.lr_decay=step"))

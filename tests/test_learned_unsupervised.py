@@ -16,10 +16,8 @@ from localsgd.learned.unsupervised import (
     BUNDLED_CHECKPOINT,
     BaseNet,
     MetzRule,
-    MetzUnsupervisedConfig,
     RuleSpec,
     base_forward,
-    build_metz_unsupervised,
     init_base_net,
     load_rule,
     ridge_meta_loss,
@@ -29,6 +27,7 @@ from localsgd.learned.unsupervised import (
 )
 from localsgd.models import MLP
 from localsgd.optim import StepContext
+from localsgd.optim.metz import MetzUnsupervisedConfig, build_metz_unsupervised
 
 from .distributed import run_ok
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from localsgd.errors import ConfigError
 from localsgd.models import CNN1D, MLP
 from localsgd.optim import OPTIMIZERS, StepContext
 from localsgd.optim import build as build_optimizer
-from localsgd.optim.base import ValidationShard
+from localsgd.sampler import ValidationShard
 from localsgd.stn import (
     HParamSpec,
     HyperContext,
@@ -426,6 +430,81 @@ def test_validation_shards_are_disjoint_per_rank_and_held_out_from_training() ->
     assert torch.equal(again.next_batch()[1], shards[0].next_batch()[1])
     with pytest.raises(ValueError, match="need at least one per worker"):
         ValidationShard(x, y, 0.001, 8, 0, 2, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------- the worker loop
+TRAINER_RUN = ["data=digits", "model=mlp", "model.hidden=[16]", "trainer=smoke", "trainer.max_steps=24",
+               "trainer.eval_every=0", "trainer.log_every=1", "trainer.threads=1", "optimizer=stn",
+               "optimizer.hyper_warmup_steps=4", "optimizer.train_steps=2", "schedule.H=4",
+               "checkpoint.every_rounds=1", "checkpoint.keep_latest_k=10"]
+
+
+def _train_steps_before(step: int) -> int:
+    """Training (not hyper) steps among local steps 0 .. step-1 of TRAINER_RUN: warm-up 4, then t t v."""
+    return sum(1 for s in range(step) if s < 4 or (s - 4) % 3 < 2)
+
+
+@pytest.fixture
+def run_in_process(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``run_training`` in this process (world size 1, no process group), counting training-sampler draws."""
+    from hydra import compose, initialize_config_dir
+
+    import localsgd.trainer as trainer_lib
+    from localsgd.config import check_config, config_hash, flat_items, register_configs
+    from localsgd.sampler import ShardSampler
+    from localsgd.train import config_dir
+
+    draws: list[int] = []
+
+    class CountingSampler(ShardSampler):  # the trainer's training sampler only (ValidationShard has its own)
+        def next_indices(self, batch_size: int) -> torch.Tensor:
+            draws.append(batch_size)
+            return super().next_indices(batch_size)
+
+    monkeypatch.setattr(trainer_lib, "ShardSampler", CountingSampler)
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = check_config(compose("config", overrides=TRAINER_RUN))
+    items = flat_items(cfg)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def run(run_dir: Path) -> tuple[dict[str, Any], list[int]]:
+        draws.clear()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        summary = trainer_lib.run_training(cfg, run_dir, items, config_hash(items))
+        return summary, list(draws)
+
+    yield run
+    for sig, handler in handlers.items():  # run_training installs its preemption handler
+        signal.signal(sig, handler)
+
+
+@pytest.mark.timeout(60)
+def test_trainer_draws_no_training_batch_for_hyper_steps(run_in_process: Any, tmp_path: Path) -> None:
+    summary, draws = run_in_process(tmp_path / "run")
+    trained = _train_steps_before(24)
+    assert trained == 18  # 24 local steps: 6 of them hyper steps
+    assert summary["steps"] == 24 and len(draws) == trained and set(draws) == {16}
+    assert summary["samples"] == trained * 16  # world size 1
+    # The checkpointed data cursor counts training steps only, so a resume continues the same stream.
+    for step in range(4, 25, 4):
+        state = torch.load(tmp_path / "run" / f"checkpoints/step-{step}/rank0.pt", weights_only=True)
+        assert state["sampler"]["samples_seen"] == _train_steps_before(step) * 16, step
+
+
+@pytest.mark.timeout(60)
+def test_trainer_resumes_stn_exactly_at_a_hyper_step(run_in_process: Any, tmp_path: Path) -> None:
+    full, _ = run_in_process(tmp_path / "full")
+    resumed_dir = tmp_path / "resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-12", resumed_dir / "step-12")
+    assert (12 - 4) % 3 == 2  # the first step after the resume is a hyper step
+    resumed, draws = run_in_process(tmp_path / "resumed")
+    assert len(draws) == _train_steps_before(24) - _train_steps_before(12)
+    assert resumed["samples"] == full["samples"]
+    a = torch.load(tmp_path / "full" / "checkpoints/step-24/model.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints/step-24/model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------- averaging

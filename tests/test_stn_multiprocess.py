@@ -103,9 +103,8 @@ def _end_to_end_worker(rank: int, world: int, seeds: tuple[int, ...]) -> list[di
     from localsgd.engine import LocalSGD
     from localsgd.models import MLP
     from localsgd.optim import StepContext
-    from localsgd.optim.base import ValidationShard
     from localsgd.optim.torch_optim import SGDConfig, build_sgd
-    from localsgd.sampler import ShardSampler
+    from localsgd.sampler import ShardSampler, ValidationShard
     from localsgd.schedules import Fixed
     from localsgd.stn import StnConfig, build_stn
 

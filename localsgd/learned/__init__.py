@@ -5,5 +5,7 @@
 - :mod:`localsgd.learned.unsupervised` — the neuron-local unsupervised update rule of Metz,
   Maheswaranathan, Cheung & Sohl-Dickstein (ICLR 2019, arXiv 1804.00222), ``optimizer=metz_unsupervised``.
 
-Submodules are imported directly; this package imports nothing so each stays optional.
+The worker-loop plugins of both rules live in :mod:`localsgd.optim.learned` and :mod:`localsgd.optim.metz`;
+the modules here hold the rules, their checkpoints and meta-trainers, and import nothing from
+:mod:`localsgd.optim`. Submodules are imported directly; this package imports nothing so each stays optional.
 """

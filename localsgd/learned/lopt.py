@@ -33,13 +33,14 @@ The update is one pure function, :func:`lopt_update`, on plain tensors. :class:`
 it with ``torch.func.vmap`` over tasks and perturbations. Under local SGD every per-element state
 tensor (the momenta and v, each shaped like its parameter) is averaged, reset or kept by the engine's
 ``sync.optimizer_state`` policy, and the time features use the global step, which the plugin passes
-in every step, so all workers (and a resumed worker) agree on it.
+in every step, so all workers (and a resumed worker) agree on it. That plugin (``optimizer=learned``) is
+:mod:`localsgd.optim.learned`; this module imports nothing from :mod:`localsgd.optim`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -343,51 +344,3 @@ class LearnedOptimizer(torch.optim.Optimizer):
                              "checkpoint); resume with the checkpoint the run started with")
         super().load_state_dict(state_dict)
 
-
-# ---------------------------------------------------------------------------------------------- optimizer=learned
-# localsgd.optim imports this module at its end, and this module registers ``optimizer=learned`` there: the
-# imports come last so that whichever of the two modules loads first, the other finds what it needs.
-from ..optim import OPTIMIZERS  # noqa: E402
-from ..optim.torch_optim import LRScheduleFields, TorchOptimizerPlugin  # noqa: E402
-
-
-@dataclass
-class LearnedConfig(LRScheduleFields):
-    """``optimizer=learned``: the bundled (or a given) meta-learned rule; ``lr`` multiplies its step.
-
-    The LR-schedule fields mean what they mean for ``sgd``/``adamw`` (warm-up, then a decay), applied
-    to that multiplier. The decay defaults to cosine (a tunable default of ours): the bundled rule was
-    meta-trained on runs of at most 300 steps and does not shrink its own step over longer ones; on
-    MNIST-1D at a constant multiplier the training loss turns upwards after about 500 steps.
-    """
-
-    name: str = "learned"
-    lr: float = 1.0
-    lr_decay: str = "cosine"
-    checkpoint: str = ""  # empty: the checkpoint bundled with the package
-
-    def problems(self) -> Iterator[tuple[str, Any, str]]:
-        yield from self._lr_problems()
-        if self.checkpoint and not Path(self.checkpoint).is_file():
-            yield "checkpoint", self.checkpoint, "must be a learned-optimizer checkpoint file (empty: the bundled one)"
-
-
-class LearnedPlugin(TorchOptimizerPlugin):
-    """The worker-loop plugin of ``optimizer=learned``: one :class:`LearnedOptimizer`, the shared LR schedule.
-
-    Before each step it sets the time features' step to the global step the trainer passes in, so they
-    never depend on a per-rank counter (all workers agree, and a resumed worker continues exactly).
-    θ is frozen and identical on every worker, so nothing is added to what the engine averages.
-    """
-
-    def train_step(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
-                   ctx: Any) -> Any:
-        for group in self.optimizers[0].param_groups:
-            group["t"] = step
-        return super().train_step(model, batch, step, ctx)
-
-
-@OPTIMIZERS.register("learned", LearnedConfig)
-def build_learned(cfg: LearnedConfig, params: list[torch.nn.Parameter], total_steps: int) -> LearnedPlugin:
-    opt = LearnedOptimizer(params, lr=cfg.lr, checkpoint=cfg.checkpoint or None)
-    return LearnedPlugin(opt, cfg, total_steps)

@@ -43,21 +43,22 @@ terms (linear/square readouts through upper/lower symmetric or PSD matrices) are
 weight-update terms remain. Widths are small: ``delta_dim`` 8 (released 32), ``hidden`` 16 (released 64),
 readout channels 4 (as released), top-error width 32 (released 64). The rule's learning rate defaults to
 1e-3 (released 1e-4) because our inner runs are a few hundred steps, not thousands.
+
+The worker-loop plugin (``optimizer=metz_unsupervised``) is :mod:`localsgd.optim.metz`; this module imports
+nothing from :mod:`localsgd.optim`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-from ..errors import ConfigError
 
 CHECKPOINT_FORMAT = "localsgd.metz_unsupervised"
 CHECKPOINT_VERSION = 1  # bump when the rule's features or architecture change: old θ would be meaningless
@@ -121,6 +122,25 @@ def base_forward(net: BaseNet, x: torch.Tensor) -> tuple[list[torch.Tensor], lis
 
 def representation(net: BaseNet, x: torch.Tensor) -> torch.Tensor:
     return base_forward(net, x)[0][-1]
+
+
+class StandardizedLinear(nn.Module):
+    """z = standardize_batch(x Wᵀ) + b with backward weights V: the Metz base layer inside a user model.
+
+    V is a parameter (so LocalSGD averages it, and checkpoints hold it) that no forward pass uses; only
+    the update rule reads it. Batch statistics are used in evaluation too, as in the paper (no running
+    statistics), so evaluate with batches of many examples.
+    """
+
+    def __init__(self, in_features: int, out_features: int, generator: torch.Generator) -> None:
+        super().__init__()
+        net = init_base_net([in_features, out_features], generator)
+        self.weight = nn.Parameter(net.weights[0])
+        self.bias = nn.Parameter(net.biases[0])
+        self.backward_weight = nn.Parameter(net.backward[0], requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return standardize_batch(x @ self.weight.t()) + self.bias
 
 
 # ---------------------------------------------------------------------------------------------- the rule θ
@@ -395,156 +415,3 @@ def load_rule(path: str | Path | None = None) -> tuple[MetzRule, dict[str, Any]]
     rule.requires_grad_(False)
     return rule, dict(blob.get("meta", {}))
 
-
-# ---------------------------------------------------------------------------------------------- worker plugin
-@dataclass
-class MetzUnsupervisedConfig:
-    """``optimizer=metz_unsupervised``: ``pretrain_steps`` of the frozen rule, then SGD with labels.
-
-    The LR schedule fields (``lr``, warm-up, decay, as for ``optimizer=sgd``) and ``momentum`` apply to the
-    supervised phase, whose schedule starts at step ``pretrain_steps``; the rule's steps use ``rule_lr``
-    (batch-ramp LR coupling does not apply to them).
-    """
-
-    name: str = "metz_unsupervised"
-    checkpoint: str = ""  # empty: the bundled localsgd/learned/checkpoints/metz_unsupervised.pt
-    pretrain_steps: int = 100  # the bundled θ helps most after 50–100 steps on held-out digits (benchmark curve)
-    rule_lr: float = 1e-3  # the bundled θ was meta-trained with this step; another value leaves its regime
-    # all: ordinary supervised training of W, b and the readout from the rule's weights (V is then unused);
-    # readout: a linear probe on the frozen learned features.
-    finetune: str = "all"
-    momentum: float = 0.9
-    init_seed: int = 0  # the Metz re-initialisation of the hidden layers; identical on every rank
-    lr: float = 0.05
-    warmup_steps: int = 0
-    lr_decay: str = "none"  # none | cosine | step
-    decay_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    decay_factor: float = 0.1
-
-    def problems(self) -> Iterator[tuple[str, Any, str]]:
-        from ..optim.torch_optim import LRScheduleFields  # not at import time: localsgd.optim imports us
-
-        yield from LRScheduleFields._lr_problems(self)  # type: ignore[arg-type]  # the same field names
-        if self.pretrain_steps < 0:
-            yield "pretrain_steps", self.pretrain_steps, "must be >= 0"
-        if not 0 < self.rule_lr < 1:
-            yield "rule_lr", self.rule_lr, "must be in (0, 1)"
-        if self.finetune not in ("readout", "all"):
-            yield "finetune", self.finetune, "must be readout or all"
-        if not 0 <= self.momentum < 1:
-            yield "momentum", self.momentum, "must be in [0, 1)"
-        if self.checkpoint and not Path(self.checkpoint).is_file():
-            yield "checkpoint", self.checkpoint, "is not a file (leave empty for the bundled rule)"
-
-
-class StandardizedLinear(nn.Module):
-    """z = standardize_batch(x Wᵀ) + b with backward weights V: the Metz base layer inside a user model.
-
-    V is a parameter (so LocalSGD averages it, and checkpoints hold it) that no forward pass uses; only
-    the update rule reads it. Batch statistics are used in evaluation too, as in the paper (no running
-    statistics), so evaluate with batches of many examples.
-    """
-
-    def __init__(self, in_features: int, out_features: int, generator: torch.Generator) -> None:
-        super().__init__()
-        net = init_base_net([in_features, out_features], generator)
-        self.weight = nn.Parameter(net.weights[0])
-        self.bias = nn.Parameter(net.biases[0])
-        self.backward_weight = nn.Parameter(net.backward[0], requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return standardize_batch(x @ self.weight.t()) + self.bias
-
-
-def _linear_positions(model: nn.Module) -> list[int]:
-    seq = getattr(model, "net", None)
-    positions = [i for i, m in enumerate(seq) if isinstance(m, nn.Linear)] if isinstance(seq, nn.Sequential) else []
-    if len(positions) < 2:
-        raise ConfigError("optimizer=metz_unsupervised needs model=mlp with at least one hidden layer "
-                          "(e.g. model.hidden=[64,64,32]); the rule updates the hidden layers")
-    return positions
-
-
-def attach_metz_layers(model: nn.Module, seed: int) -> tuple[list[StandardizedLinear], nn.Linear]:
-    """Turn a ``localsgd.models.MLP`` into the Metz base model in place: hidden Linear -> StandardizedLinear.
-
-    Returns the hidden layers (the rule's W, b, V) and the classification readout (the last Linear). The
-    new layers are drawn from ``seed`` alone, so every rank builds the same ones without a broadcast.
-    """
-    positions = _linear_positions(model)
-    seq: nn.Sequential = model.net  # type: ignore[assignment]
-    generator = torch.Generator().manual_seed(seed)
-    hidden: list[StandardizedLinear] = []
-    for i in positions[:-1]:
-        old = seq[i]
-        layer = StandardizedLinear(old.in_features, old.out_features, generator).to(old.weight.device)
-        seq[i] = layer
-        hidden.append(layer)
-    return hidden, seq[positions[-1]]  # type: ignore[return-value]
-
-
-def build_metz_unsupervised(cfg: MetzUnsupervisedConfig, model: nn.Module, total_steps: int
-                            ) -> MetzUnsupervisedPlugin:
-    _linear_positions(model)  # a wrong model is reported before the checkpoint is read
-    rule, _ = load_rule(cfg.checkpoint or None)
-    hidden, readout = attach_metz_layers(model, cfg.init_seed)
-    rule.to(device=readout.weight.device)
-    return MetzUnsupervisedPlugin(cfg, rule, hidden, readout, total_steps)
-
-
-build_metz_unsupervised.takes_model = True  # type: ignore[attr-defined]  # it rebuilds the hidden layers in place
-
-
-# localsgd.optim imports this module to register optimizer=metz_unsupervised, so the plugin's base class is
-# imported only here, after the config and builder: whichever module loads first, the other finds them.
-from ..optim.base import OptimizerPlugin, StepContext, StepOutput, lr_at  # noqa: E402
-from ..optim.torch_optim import supervised_step  # noqa: E402
-
-
-class MetzUnsupervisedPlugin(OptimizerPlugin):
-    """Unsupervised pre-training with the frozen rule θ, then supervised SGD (``finetune``)."""
-
-    def __init__(self, cfg: MetzUnsupervisedConfig, rule: MetzRule, hidden: list[StandardizedLinear],
-                 readout: nn.Linear, total_steps: int) -> None:
-        self.cfg, self.rule, self.hidden, self.readout = cfg, rule, hidden, readout
-        self.total_steps = total_steps
-        params: list[nn.Parameter] = list(readout.parameters())
-        if cfg.finetune == "all":
-            params = [p for layer in hidden for p in (layer.weight, layer.bias)] + params
-        self.optimizers = [torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)]
-
-    def lr(self, step: int) -> float:
-        c = self.cfg
-        if step < c.pretrain_steps:
-            return c.rule_lr
-        return lr_at(step - c.pretrain_steps, c.lr, warmup_steps=c.warmup_steps, decay=c.lr_decay,
-                     total_steps=max(1, self.total_steps - c.pretrain_steps), milestones=c.decay_milestones,
-                     factor=c.decay_factor)
-
-    def base_net(self) -> BaseNet:
-        return BaseNet([m.weight for m in self.hidden], [m.bias for m in self.hidden],
-                       [m.backward_weight for m in self.hidden])
-
-    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
-                   ctx: StepContext) -> StepOutput:
-        x, y = batch
-        if not model.training:
-            model.train()
-        if step < self.cfg.pretrain_steps:
-            return self._rule_step(model, x, y, ctx)
-        opt = self.optimizers[0]
-        lr = ctx.lr_override if ctx.lr_override is not None else self.lr(step) * ctx.lr_scale
-        for group in opt.param_groups:
-            group["lr"] = lr
-        return supervised_step(model, opt, (x, y), ctx)
-
-    @torch.no_grad()
-    def _rule_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> StepOutput:
-        net = self.base_net()
-        new = self.rule.step(net, x.flatten(1).to(net.weights[0].dtype), self.cfg.rule_lr)
-        # In place: LocalSGD has re-pointed the parameters into its flat buffers.
-        for old, fresh in zip(net.tensors(), new.tensors()):
-            old.copy_(fresh)
-        # Labels only for the log line: the loss of the (not yet trained) readout, not used by the update.
-        logits = model(x)
-        return StepOutput(ctx.loss_fn(logits, y).detach(), int(y.shape[0]), logits, y)

@@ -6,10 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from ..learned.unsupervised import MetzUnsupervisedConfig, build_metz_unsupervised
 from ..registry import Registry
 from ..stn.plugin import StnConfig, build_stn
 from .base import OptimizerPlugin, StepContext, StepOutput, first_decay_step, lr_at
+from .learned import LearnedConfig, build_learned
+from .metz import MetzUnsupervisedConfig, build_metz_unsupervised
 from .torch_optim import AdamWConfig, SGDConfig, build_adamw, build_sgd
 
 __all__ = ["OPTIMIZERS", "OptimizerPlugin", "StepContext", "StepOutput", "build", "lr_at", "first_decay_step"]
@@ -19,8 +20,7 @@ OPTIMIZERS.register("sgd", SGDConfig)(build_sgd)
 OPTIMIZERS.register("adamw", AdamWConfig)(build_adamw)
 OPTIMIZERS.register("stn", StnConfig)(build_stn)
 OPTIMIZERS.register("metz_unsupervised", MetzUnsupervisedConfig)(build_metz_unsupervised)
-# optimizer=learned registers itself: its classes subclass this package's, so it must load after them.
-from ..learned import lopt as _learned_lopt  # noqa: E402, F401
+OPTIMIZERS.register("learned", LearnedConfig)(build_learned)
 
 
 def build(cfg: Any, model: nn.Module, total_steps: int) -> OptimizerPlugin:

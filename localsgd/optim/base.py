@@ -4,8 +4,9 @@ A plugin owns the torch optimizers of one worker and performs one local training
 AdamW are the first plugins; Self-Tuning Networks (several torch optimizers, alternating training and
 validation batches, hyperparameters averaged with the weights) and learned update rules (per-parameter
 state) fit behind the same interface: ``train_step`` may draw validation batches through the
-:class:`StepContext`, ``averaged_tensors`` adds tensors to what ``LocalSGD`` averages, and
-``optimizers`` exposes every torch optimizer to the optimizer-state policy and to checkpoints.
+:class:`StepContext`, ``uses_train_batch`` lets a step go without a training batch (so it consumes no
+training data), ``averaged_tensors`` adds tensors to what ``LocalSGD`` averages, and ``optimizers``
+exposes every torch optimizer to the optimizer-state policy and to checkpoints.
 
 The learning-rate schedule (linear warm-up, then constant, cosine, step or polynomial decay) is a pure
 function of the local step, which is the same on every rank. The polynomial decay γ_k = ν·k^(−α),
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sampler import ShardSampler
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""One minibatch: inputs and integer class targets (or regression targets)."""
 
 
 @dataclass
@@ -49,6 +51,14 @@ class StepContext:
     lr_override: float | None = None
     # Called between backward and the optimizer step when set (the noise-scale measurement).
     after_backward: Callable[[nn.Module], None] | None = None
+
+
+def require_batch(batch: Batch | None, step: int) -> Batch:
+    """``batch``, for a plugin that trains on every step; an error naming the step if it is None."""
+    if batch is None:
+        raise ValueError(f"local step {step}: this optimizer plugin trains on a batch at every step "
+                         "(uses_train_batch is True), but train_step got batch=None")
+    return batch
 
 
 def lr_at(step: int, base_lr: float, *, warmup_steps: int, decay: str, total_steps: int,
@@ -89,10 +99,22 @@ class OptimizerPlugin(abc.ABC):
     # ``LocalSGD(pre_average=...)``: called with the process group right before each average.
     pre_average: Callable[[Any], None] | None = None
 
+    def uses_train_batch(self, step: int) -> bool:
+        """Whether local step ``step`` (0-based) trains on a batch of training data (default: every step).
+
+        When False the trainer draws no batch from its sampler, so the step consumes no training data
+        (neither the data cursor nor the logged ``samples`` move), and :meth:`train_step` gets
+        ``batch=None``; STN's hyper steps, which use only validation batches, are the example. It must be
+        a pure function of ``step`` (the same on every rank, and after a resume).
+        """
+        return True
+
     @abc.abstractmethod
-    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
-                   ctx: StepContext) -> StepOutput:
-        """Run one local optimizer step at local step ``step`` (0-based) and report its loss."""
+    def train_step(self, model: nn.Module, batch: Batch | None, step: int, ctx: StepContext) -> StepOutput:
+        """Run one local optimizer step at local step ``step`` (0-based) and report its loss.
+
+        ``batch`` is None exactly when :meth:`uses_train_batch` returns False for ``step``.
+        """
 
     @abc.abstractmethod
     def lr(self, step: int) -> float:
@@ -113,36 +135,3 @@ class OptimizerPlugin(abc.ABC):
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
 
-
-class ValidationShard:
-    """This worker's validation batches for ``StepContext.next_val_batch``, held out from training.
-
-    A seeded permutation, the same on every rank, holds out ``fraction`` of the training samples and
-    splits them into one fixed, disjoint part per rank, as each worker would hold out part of its own
-    local data; a rank draws batches from its part only (reshuffled every epoch, checkpointed).
-    ``train_index`` lists the samples left for training, in their original order.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, fraction: float, batch_size: int, rank: int, world: int,
-                 seed: int) -> None:
-        n = len(y)
-        n_val = int(round(fraction * n))
-        if not world <= n_val < n:
-            raise ValueError(f"validation fraction {fraction} of {n} training samples leaves {n_val} for "
-                             f"validation; need at least one per worker ({world}) and some for training")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7))
-        self.train_index = perm[n_val:].sort().values
-        mine = perm[:n_val][rank::world].to(y.device)
-        self.x, self.y = x[mine], y[mine]
-        self.batch_size = batch_size
-        self.sampler = ShardSampler(len(mine), 0, 1, seed * 1_000_003 + 11 * (rank + 1))
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.sampler.next_indices(self.batch_size).to(self.y.device)
-        return self.x[idx], self.y[idx]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import OptimizerPlugin, StepContext, StepOutput, lr_at
+from .base import Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
 
 LR_DECAYS = ("none", "cosine", "step", "poly")
 
@@ -100,8 +100,7 @@ class TorchOptimizerPlugin(OptimizerPlugin):
         return lr_at(step, c.lr, warmup_steps=c.warmup_steps, decay=c.lr_decay, total_steps=self.total_steps,
                      milestones=c.decay_milestones, factor=c.decay_factor, power=c.decay_power)
 
-    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
-                   ctx: StepContext) -> StepOutput:
+    def train_step(self, model: nn.Module, batch: Batch | None, step: int, ctx: StepContext) -> StepOutput:
         opt = self.optimizers[0]
         lr = ctx.lr_override if ctx.lr_override is not None else self.lr(step) * ctx.lr_scale
         if lr != self._last_lr:
@@ -110,11 +109,10 @@ class TorchOptimizerPlugin(OptimizerPlugin):
             self._last_lr = lr
         if not model.training:  # the call walks every module: skip it on the hot path
             model.train()
-        return supervised_step(model, opt, batch, ctx)
+        return supervised_step(model, opt, require_batch(batch, step), ctx)
 
 
-def supervised_step(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
-                    ctx: StepContext) -> StepOutput:
+def supervised_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, ctx: StepContext) -> StepOutput:
     """One cross-entropy step: forward, backward, the after-backward hook, ``opt.step()``."""
     x, y = batch
     logits = model(x)

@@ -17,9 +17,11 @@ A hyper step (both variants) runs the model in eval mode (dropout and augmentati
 hyperparameters act on L_V only through ŵ), samples h̃ when the scales are tuned, and descends
 L_V − τ·H[q(h̃)] in h and s with their own optimizers.
 
-Every call is one local step of the trainer (LocalSGD counts hyper steps like training steps); a hyper
-step reports its validation loss and logits, so a logging window's ``loss``/``accuracy`` mix both, and
-``log_values()`` adds ``hp/<name>``, ``hp_sigma/<name>`` and ``stn_val_loss`` to the ``train`` records.
+Every call is one local step of the trainer (LocalSGD counts hyper steps like training steps), but a
+hyper step consumes no training data: ``uses_train_batch`` is False for it, so the trainer draws no
+training batch (the data cursor and ``samples`` count training steps only). A hyper step reports its
+validation loss and logits, so a logging window's ``loss``/``accuracy`` mix both, and ``log_values()``
+adds ``hp/<name>``, ``hp_sigma/<name>`` and ``stn_val_loss`` to the ``train`` records.
 
 Phases count *global* steps (the local step index is the same on every rank), so all workers switch
 together: ``hyper_warmup_steps`` training steps first, then cycles of ``train_steps`` training and
@@ -47,7 +49,7 @@ from torch import nn
 
 from .. import dist
 from ..errors import ConfigError
-from ..optim.base import OptimizerPlugin, StepContext, StepOutput, lr_at
+from ..optim.base import Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
 from ..optim.torch_optim import LRScheduleFields
 from .augment import DATA_HYPERPARAMETERS, apply_data_path
 from .averaging import consensus_pre_average
@@ -170,6 +172,10 @@ class StnPlugin(OptimizerPlugin):
             return False
         return (step - c.hyper_warmup_steps) % (c.train_steps + c.val_steps) >= c.train_steps
 
+    def uses_train_batch(self, step: int) -> bool:
+        """A hyper step trains on validation batches only, so the trainer draws no training batch for it."""
+        return not self.is_hyper_step(step)
+
     def _set_lrs(self, lr: float) -> None:
         if lr == self._last_lr:
             return
@@ -180,16 +186,16 @@ class StnPlugin(OptimizerPlugin):
         self._last_lr = lr
 
     # ------------------------------------------------------------------ one local step
-    def train_step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int,
-                   ctx: StepContext) -> StepOutput:
+    def train_step(self, model: nn.Module, batch: Batch | None, step: int, ctx: StepContext) -> StepOutput:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ConfigError("optimizer=stn needs local SGD (its steps take several backward passes); "
                               "schedule=ddp is not supported")
-        if self.is_hyper_step(step):
+        if self.is_hyper_step(step):  # the trainer passes batch=None here (uses_train_batch); any batch is unused
             if ctx.next_val_batch is None:
                 raise ConfigError("optimizer=stn: no validation batches (StepContext.next_val_batch is None); "
                                   "the trainer provides them when optimizer.val_fraction > 0")
             return self.hyper_step(model, ctx.next_val_batch(), ctx.loss_fn)
+        batch = require_batch(batch, step)
         self._set_lrs(ctx.lr_override if ctx.lr_override is not None else self.lr(step) * ctx.lr_scale)
         if not model.training:
             model.train()
