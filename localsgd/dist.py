@@ -263,10 +263,40 @@ def all_reduce_sum_(tensor: torch.Tensor, group: Any = None, what: str = "all-re
     return tensor
 
 
-def all_reduce_sum_async(tensor: torch.Tensor, group: Any = None, average: bool = False) -> Any:
-    """Start an in-place sum (or, with ``average`` on NCCL, mean); a handle for :func:`wait`, or None.
+_AVERAGE_IN_COLLECTIVE: dict[str, bool] = {"nccl": True}
 
-    Only NCCL has ReduceOp.AVG; callers check :func:`backend` and divide themselves on Gloo.
+
+def average_in_collective(group: Any = None) -> bool:
+    """Whether this backend's all-reduce can average (``ReduceOp.AVG``), so callers need no division pass.
+
+    NCCL always can. Gloo gained AVG in recent PyTorch releases; older ones reject the op when the
+    collective is created, before anything is sent, on every rank alike. So the first call probes
+    with a one-element all-reduce and remembers the answer for the process: it is a collective, and
+    every rank of ``group`` must make it at the same point (the averaging engine calls it right
+    before its first averaging all-reduce).
+    """
+    name = backend()
+    known = _AVERAGE_IN_COLLECTIVE.get(name)
+    if known is not None:
+        return known
+    if not is_initialized() or tdist.get_world_size(group) == 1:
+        return False
+    probe = torch.ones(1, device=device())
+    try:
+        work = tdist.all_reduce(probe, op=tdist.ReduceOp.AVG, group=group, async_op=True)
+    except (RuntimeError, ValueError):  # "Cannot use ReduceOp.AVG with Gloo": raised locally, nothing sent
+        _AVERAGE_IN_COLLECTIVE[name] = False
+        return False
+    _wait(work, "probe for ReduceOp.AVG")
+    _AVERAGE_IN_COLLECTIVE[name] = bool(probe.item() == 1.0)
+    return _AVERAGE_IN_COLLECTIVE[name]
+
+
+def all_reduce_sum_async(tensor: torch.Tensor, group: Any = None, average: bool = False) -> Any:
+    """Start an in-place sum (or, with ``average``, mean); a handle for :func:`wait`, or None.
+
+    ``average`` needs a backend for which :func:`average_in_collective` is True; otherwise the caller
+    sums and divides.
     """
     if is_initialized() and tdist.get_world_size(group) > 1:
         op = tdist.ReduceOp.AVG if average else tdist.ReduceOp.SUM

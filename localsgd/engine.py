@@ -9,6 +9,9 @@ x̄ = (1/K) Σ_k x_k. This module implements that average once per round, with:
   per bucket (one per sync for models under ``bucket_cap_mb``). Floating buffers (BatchNorm
   statistics) ride in the same all-reduce, copied in and out. The layout is re-checked cheaply at
   every sync, so ``model.to(...)`` after wrapping is detected and the layout rebuilt.
+* **The mean inside the collective.** ``ReduceOp.AVG`` (NCCL; Gloo in recent PyTorch, probed once per
+  process by :func:`localsgd.dist.average_in_collective`) leaves no division pass for Python; on an
+  older Gloo each bucket is summed and divided as it arrives, while later buckets are in flight.
 * **An agreement fingerprint before every average** (``shared/design/reliability.md`` §3): a single
   MAX all-reduce of ``[v, -v, per-rank non-finite step, per-rank fingerprint hash, stop flag,
   integer buffers]`` with v = (step, round, element count, config hash, next H). A NaN on any rank or
@@ -19,7 +22,8 @@ x̄ = (1/K) Σ_k x_k. This module implements that average once per round, with:
   global sync has verified the layout with the full check above, every rank writes a few check words
   into a reserved tail of its averaging buffer (per-rank slots: a 64-bit fingerprint hash, a
   non-finite flag and the round loss, as 16-bit integers, which float32/64 sums carry exactly because
-  only the owner writes a slot) and the check travels inside the one averaging all-reduce. A rank
+  only the owner writes a slot, and averages to within 2**-24 relative, restored by rounding
+  word x world) and the check travels inside the one averaging all-reduce. A rank
   that finds itself non-finite sends zeros instead of its parameters, so NaN/Inf never enter the sum;
   the sum is used only when every hash agrees and no flag is set. Otherwise all ranks, which see the
   same words, fall back together to the full check, which names the field, rank and step, and raise
@@ -92,17 +96,21 @@ class _Group:
     param_numel: int
     buckets: list[tuple[int, int]] = field(default_factory=list)
     check_numel: int = 0  # the fused check's words at the tail of ``flat`` (one group at most)
+    bucket_views: list[torch.Tensor] = field(default_factory=list)  # made once: the sync path is hot
+    bucket_data: list[torch.Tensor] = field(default_factory=list)  # each bucket less the check words
+    buffer_slots: list[torch.Tensor] = field(default_factory=list)  # where each buffer rides in ``flat``
 
     @property
     def data_numel(self) -> int:
         return self.flat.numel() - self.check_numel
 
-    def buffer_views(self) -> list[torch.Tensor]:
-        out, offset = [], self.param_numel
+    def make_views(self) -> None:
+        self.bucket_views = [self.flat[s:e] for s, e in self.buckets]
+        self.bucket_data = [self.flat[s : max(s, min(e, self.data_numel))] for s, e in self.buckets]
+        self.buffer_slots, offset = [], self.param_numel
         for b in self.buffers:
-            out.append(self.flat[offset : offset + b.numel()].view_as(b))
+            self.buffer_slots.append(self.flat[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
-        return out
 
 
 def _as_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -244,10 +252,21 @@ class LocalSGD:
             group = _Group(flat, ps, bs, pn, check_numel=check_numel)
             per_bucket = max(1, self.bucket_cap_bytes // flat.element_size())
             group.buckets = [(s, min(s + per_bucket, flat.numel())) for s in range(0, flat.numel(), per_bucket)]
+            group.make_views()
             self._groups.append(group)
         self._param_ptrs = [(p, p.data_ptr()) for g in self._groups for p in g.params]
         self._int_buffer_list = self._int_buffers()
+        # The check group goes last: the fused check's words, which carry this rank's non-finite
+        # verdict, ride in the last bucket launched, after every other bucket was scanned.
+        self._groups.sort(key=lambda g: g.check_numel > 0)
         self._check_group = next((g for g in self._groups if g.check_numel), None)
+        g = self._check_group
+        self._check_tail = None if g is None else g.flat[g.flat.numel() - g.check_numel :]
+        self._check_tail_np = None  # a numpy view of a CPU tail: writing 19 words costs ~1 µs, not ~10
+        if self._check_tail is not None and self._check_tail.device.type == "cpu":
+            with contextlib.suppress(RuntimeError, ImportError):
+                self._check_tail_np = self._check_tail.numpy()
+        self._check_words_averaged = False  # whether the last fused words arrived averaged (x world)
         self.payload_bytes = sum(g.data_numel * g.flat.element_size() for g in self._groups)
         self.elements = sum(g.data_numel for g in self._groups)
 
@@ -354,27 +373,22 @@ class LocalSGD:
             else:
                 dev = raw[0].device if isinstance(raw[0], torch.Tensor) else None
                 values = torch.stack([torch.as_tensor(v, device=dev).reshape(()).float() for v in raw])
-            bad = (~torch.isfinite(values)).nonzero()
-            if len(bad):
-                self._first_nonfinite = self._losses[int(bad[0])][0]
-            else:
-                self._round_loss[0] += float(values.double().sum())
+            total = float(values.double().sum())  # float32 values cannot overflow a float64 sum
+            if math.isfinite(total):  # so a finite total proves every loss finite: one op, one host sync
+                self._round_loss[0] += total
                 self._round_loss[1] += len(values)
+            else:
+                bad = (~torch.isfinite(values)).nonzero()
+                self._first_nonfinite = self._losses[int(bad[0])][0]
         self._losses.clear()
 
-    def _local_nonfinite_step(self) -> int:
+    def _local_nonfinite_step(self, scan_parameters: bool = True) -> int:
         self._fold_losses()
-        if self._first_nonfinite >= 0:
+        if self._first_nonfinite >= 0 or not scan_parameters:
             return self._first_nonfinite
         for g in self._groups:
-            # A finite sum proves every element finite (NaN/Inf propagate through a sum); only an
-            # infinite or NaN sum, which may also be a harmless overflow, needs the exact scan.
-            params = g.flat[: g.param_numel]
-            if params.numel() and not math.isfinite(float(params.sum())) and not bool(torch.isfinite(params).all()):
+            if not _all_finite(g.flat[: g.param_numel]) or not all(_all_finite(b) for b in g.buffers):
                 return self.local_step
-            for b in g.buffers:
-                if not bool(torch.isfinite(b).all()):
-                    return self.local_step
         return -1
 
     def _start_fingerprint(self, nonfinite_step: int, next_h: int, group: Any = None) -> tuple[torch.Tensor, Any]:
@@ -421,49 +435,85 @@ class LocalSGD:
         """Sum every bucket across ``group`` (all started before any is awaited), then scale."""
         self._finish_average(self._start_average(group))
 
-    def _start_average(self, group: Any = None, contribute_zeros: bool = False,
-                       check_words: torch.Tensor | None = None) -> tuple[Any, list[Any], list[bool]]:
-        """Start one sum all-reduce per bucket; ``check_words`` fill the fused check's tail first."""
-        with torch.no_grad():
-            for g in self._groups:
-                for b, view in zip(g.buffers, g.buffer_views()):
-                    view.copy_(b)
-                if contribute_zeros:
-                    g.flat.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
-                elif self.buffer_policy == "broadcast" and self._size_rank(group)[1] != 0 and g.buffers:
-                    g.flat[g.param_numel : g.data_numel].zero_()  # rank 0's buffers survive the sum unscaled
-            if check_words is not None:
-                tail = self._check_group.flat  # type: ignore[union-attr]
-                tail[tail.numel() - check_words.numel() :].copy_(check_words)
-            # NCCL averages inside the collective (no extra pass over the buffer); Gloo sums. The
-            # bucket that carries check words is always summed: its words must arrive exact.
-            nccl_avg = self._size_rank(None)[2] and self.buffer_policy != "broadcast"
-            handles, averaged = [], []
-            for g in self._groups:
-                for s, e in g.buckets:
-                    in_collective = nccl_avg and not (check_words is not None and e > g.data_numel)
-                    handles.append(dist.all_reduce_sum_async(g.flat[s:e], group=group, average=in_collective))
-                    averaged.append(in_collective)
-        return group, handles, averaged
+    def _start_average(self, group: Any = None, contribute_zeros: bool = False) -> tuple[Any, list[Any], bool]:
+        """Start one all-reduce per bucket, all in flight before any is awaited.
 
-    def _finish_average(self, pending: tuple[Any, list[Any], list[bool]], scale: bool = True) -> None:
-        group, handles, averaged = pending
-        world = self._size_rank(group)[0]
-        slices = [(g, s, e) for g in self._groups for s, e in g.buckets]
+        Where the backend averages inside the collective (NCCL; Gloo in recent PyTorch, probed once)
+        every bucket is averaged there, the fused check's words included (they are decoded as
+        round(word x world), exact for 16-bit words), so no pass over the buffer follows. Otherwise
+        the buckets are summed and :meth:`_finish_average` divides each as it arrives. Under the
+        ``broadcast`` buffer policy rank 0's buffers must survive unscaled, so that policy sums.
+        """
+        world, me, _ = self._size_rank(group)
         with torch.no_grad():
-            # Scale each bucket as soon as it arrives, while later buckets are still in flight.
-            for h, in_collective, (g, s, e) in zip(handles, averaged, slices):
-                dist.wait(h, "LocalSGD parameter average")
-                if scale and world > 1 and not in_collective:
-                    # rank 0's buffers arrive unscaled under broadcast; check words are never scaled
-                    e = min(e, g.param_numel if self.buffer_policy == "broadcast" else g.data_numel)
-                    if s < e:
-                        g.flat[s:e].div_(world)
+            for g in self._groups:
+                for b, slot in zip(g.buffers, g.buffer_slots):
+                    slot.copy_(b)
+                if contribute_zeros:
+                    g.flat[: g.data_numel].zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
+                elif self.buffer_policy == "broadcast" and me != 0 and g.buffers:
+                    g.flat[g.param_numel : g.data_numel].zero_()  # rank 0's buffers survive the sum unscaled
+            in_collective = world > 1 and self.buffer_policy != "broadcast" and dist.average_in_collective(group)
+            self._check_words_averaged = in_collective
+            handles = [dist.all_reduce_sum_async(view, group=group, average=in_collective)
+                       for g in self._groups for view in g.bucket_views]
+        return group, handles, in_collective
+
+    def _start_scanned_average(self, group: Any, loss_bad: int, next_h: int) -> tuple[tuple[Any, list[Any], bool], int]:
+        """The fused check's average: every bucket is scanned for NaN/Inf right before it is launched.
+
+        So the scan of bucket k+1 runs while bucket k travels (and, where the backend averages, while
+        Gloo's threads divide it), instead of a whole-buffer pass before the first byte moves. Once a
+        bucket is found non-finite it and every later one go as zeros, so nothing non-finite enters a
+        sum; the check words, which carry this rank's verdict, ride in the last bucket launched.
+        Returns what :meth:`_finish_average` needs and this rank's first non-finite step (or -1).
+        """
+        world, me, _ = self._size_rank(group)
+        bad = loss_bad >= 0
+        handles = []
+        with torch.no_grad():
+            for g in self._groups:
+                for b, slot in zip(g.buffers, g.buffer_slots):
+                    slot.copy_(b)
+                if self.buffer_policy == "broadcast" and me != 0 and g.buffers:
+                    g.flat[g.param_numel : g.data_numel].zero_()  # rank 0's buffers survive the sum unscaled
+            in_collective = world > 1 and self.buffer_policy != "broadcast" and dist.average_in_collective(group)
+            self._check_words_averaged = in_collective
+            for g in self._groups:
+                last = len(g.buckets) - 1
+                for i, (view, data) in enumerate(zip(g.bucket_views, g.bucket_data)):
+                    if not bad and not _all_finite(data):
+                        bad = True
+                    if bad:
+                        data.zero_()  # a non-finite replica sends zeros from here on
+                    if g.check_numel and i == last:
+                        self._write_fused_check_words(bad, next_h, group)
+                    handles.append(dist.all_reduce_sum_async(view, group=group, average=in_collective))
+        local_bad = loss_bad if loss_bad >= 0 else (self.local_step if bad else -1)
+        return (group, handles, in_collective), local_bad
+
+    def _finish_average(self, pending: tuple[Any, list[Any], bool], scale: bool = True) -> None:
+        group, handles, in_collective = pending
+        world = self._size_rank(group)[0]
+        with torch.no_grad():
+            if in_collective or world == 1:
+                for h in handles:
+                    dist.wait(h, "LocalSGD parameter average")
+            else:
+                # Scale each bucket as soon as it arrives, while later buckets are still in flight.
+                slices = [(g, s, e) for g in self._groups for s, e in g.buckets]
+                for h, (g, s, e) in zip(handles, slices):
+                    dist.wait(h, "LocalSGD parameter average")
+                    if scale:
+                        # rank 0's buffers arrive unscaled under broadcast; check words are never scaled
+                        e = min(e, g.param_numel if self.buffer_policy == "broadcast" else g.data_numel)
+                        if s < e:
+                            g.flat[s:e].div_(world)
             if not scale:
                 return
             for g in self._groups:
-                for b, view in zip(g.buffers, g.buffer_views()):
-                    b.copy_(view)
+                for b, slot in zip(g.buffers, g.buffer_slots):
+                    b.copy_(slot)
 
     def _size_rank(self, group: Any) -> tuple[int, int, bool]:
         """(size, this rank's index, NCCL?) of ``group``, looked up once: the sync path runs every round."""
@@ -475,34 +525,45 @@ class LocalSGD:
         return info
 
     # ------------------------------------------------------------------ the fused check
-    def _fused_check_words(self, nonfinite: bool, next_h: int, group: Any) -> torch.Tensor:
-        """This rank's check words: its slot (hash, non-finite flag, loss bits) and the stop flag."""
-        g = self._check_group
-        assert g is not None
+    def _write_fused_check_words(self, nonfinite: bool, next_h: int, group: Any) -> None:
+        """Write this rank's check words (hash, non-finite flag, loss bits; zeros in the other slots)
+        and the stop flag into the tail of the check group's buffer, which the average then carries."""
+        tail = self._check_tail
+        assert tail is not None
         world, me, _ = self._size_rank(group)
         v = (self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h,
              *(int(b) for b in self._int_buffer_list))
         packed = struct.pack(f"<{len(v)}q", *v)
         digest = struct.pack("<II", zlib.crc32(packed), zlib.crc32(packed, 0x9E3779B9))  # 64 bits, µs
         mean = self._round_loss[0] / self._round_loss[1] if self._round_loss[1] else float("nan")
-        words = [0] * (_SLOT_WORDS * world + 1)
-        words[_SLOT_WORDS * me : _SLOT_WORDS * (me + 1)] = (*struct.unpack("<4H", digest), int(nonfinite),
-                                                            *struct.unpack("<4H", struct.pack("<d", mean)))
-        words[-1] = int(self.stop_requested)
-        self.stats.check_bytes += len(words) * g.flat.element_size()
-        return torch.tensor(words, dtype=g.flat.dtype, device=g.flat.device)
+        slot = (*struct.unpack("<4H", digest), int(nonfinite), *struct.unpack("<4H", struct.pack("<d", mean)))
+        lo = _SLOT_WORDS * me
+        self.stats.check_bytes += tail.numel() * tail.element_size()
+        if self._check_tail_np is not None:
+            words = self._check_tail_np
+            words[:] = 0
+            words[lo : lo + _SLOT_WORDS] = slot
+            words[-1] = int(self.stop_requested)
+            return
+        words_list = [0] * tail.numel()
+        words_list[lo : lo + _SLOT_WORDS] = slot
+        words_list[-1] = int(self.stop_requested)
+        tail.copy_(torch.tensor(words_list, dtype=tail.dtype))  # one host-to-device copy
 
     def _decode_fused(self, group: Any) -> tuple[bool, bool]:
         """Read the summed check words: (every hash equal and no rank non-finite, stop requested)."""
-        g = self._check_group
-        assert g is not None
+        tail = self._check_tail
+        assert tail is not None
         world = self._size_rank(group)[0]
-        n = _SLOT_WORDS * world + 1
-        out = g.flat[g.flat.numel() - n :].tolist()  # one device-to-host copy; exact small integers
+        factor = world if self._check_words_averaged else 1
+        # One device-to-host copy. Each slot has one writer, so a sum carries its words exactly and an
+        # average carries word/world to within 2**-24 relative: round(x * world) restores the word.
+        out = [round(x * factor) for x in tail.tolist()]
+        n = len(out)
         first = out[:4]
         ok = all(out[i : i + 4] == first and out[i + 4] == 0 for i in range(0, n - 1, _SLOT_WORDS))
         if ok:
-            losses = [struct.unpack("<d", struct.pack("<4H", *map(int, out[i + 5 : i + 9])))[0]
+            losses = [struct.unpack("<d", struct.pack("<4H", *out[i + 5 : i + 9]))[0]
                       for i in range(0, n - 1, _SLOT_WORDS)]
             self.last_round_loss = None if any(x != x for x in losses) else sum(losses) / world
             self._round_loss = [0.0, 0]
@@ -555,13 +616,14 @@ class LocalSGD:
         next_h = self.schedule.fingerprint() if advance_schedule else 0
         if self.pre_average is not None:
             self.pre_average(group)
-        local_bad = self._local_nonfinite_step()
+        fused = self.agreement_check == "fused" and self._layout_agreed and self._check_group is not None
+        local_bad = self._local_nonfinite_step(scan_parameters=not fused)
         summed = passed = False
-        if self.agreement_check == "fused" and self._layout_agreed and self._check_group is not None:
-            # One collective: the check words ride at the tail of the averaging buffer. Buckets are
-            # scaled as they arrive; if the check fails the result is discarded (raise or roll back).
-            words = self._fused_check_words(local_bad >= 0, next_h, group)
-            self._finish_average(self._start_average(group, contribute_zeros=local_bad >= 0, check_words=words))
+        if fused:
+            # One collective: the check words ride at the tail of the averaging buffer, each bucket is
+            # scanned right before it leaves; if the check fails the result is discarded (raise or roll back).
+            pending, local_bad = self._start_scanned_average(group, local_bad, next_h)
+            self._finish_average(pending)
             summed = True
             passed, stop = self._decode_fused(group)
         if not passed:  # the full check: first sync, before/overlapped mode, or a fused check that failed
@@ -684,6 +746,12 @@ class LocalSGD:
                 t.copy_(saved)
         if self.on_nonfinite == "skip_round":
             self._take_snapshot()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # A finite sum proves every element finite (NaN/Inf propagate through a sum); only an infinite or
+    # NaN sum, which may also be a harmless overflow, needs the exact (slower) elementwise test.
+    return t.numel() == 0 or math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _clone_state(state: Any) -> Any:

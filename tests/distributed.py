@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, timeout_s: float,
-            queue: Any, args: tuple[Any, ...]) -> None:
+            queue: Any, args: tuple[Any, ...], backend: str = "gloo") -> None:
     import torch
     import torch.distributed as tdist
 
@@ -30,7 +30,9 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, timeout_s:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        tdist.init_process_group("gloo", rank=rank, world_size=world,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank, as torchrun's LOCAL_RANK gives it
+        tdist.init_process_group(backend, rank=rank, world_size=world,
                                  timeout=datetime.timedelta(seconds=timeout_s))
         result = fn(rank, world, *args)
         queue.put((rank, "ok", result))
@@ -42,13 +44,13 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, timeout_s:
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 60.0,
-              collective_timeout_s: float = 20.0) -> list[tuple[str, Any]]:
+              collective_timeout_s: float = 20.0, backend: str = "gloo") -> list[tuple[str, Any]]:
     """Run ``fn(rank, world, *args)`` on ``world`` ranks; return ``[(status, result_or_error)]`` by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, collective_timeout_s, queue, args), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(fn, r, world, port, collective_timeout_s, queue, args, backend),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, tuple[str, Any]] = {}

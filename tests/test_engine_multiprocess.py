@@ -180,6 +180,33 @@ def test_nan_on_one_rank_raises_on_every_rank_before_averaging(mode: str) -> Non
         assert "NonFiniteError" in msg and "rank 1 at step 8" in msg
 
 
+def _nan_in_a_late_bucket(rank: int, world: int) -> tuple[str, bool, int]:
+    """Fused check over several buckets (each scanned right before it leaves): a NaN that sits in the
+    last parameter bucket of rank 1 is named, and no NaN reaches the sum on any rank."""
+    from localsgd.errors import NonFiniteError
+
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), bucket_cap_mb=40 * 4 / 2**20)  # 40 floats each
+    n_buckets = len(sync._groups[0].buckets)
+    for step in range(1, 9):
+        if rank == 1 and step == 6:
+            with torch.no_grad():
+                model[3].bias[2] = float("nan")  # the last parameter: the last bucket before the buffers
+        try:
+            sync.step(loss=torch.tensor(1.0))
+        except NonFiniteError as exc:
+            summed = sync._groups[0].flat[: sync._groups[0].data_numel]
+            return str(exc), bool(torch.isfinite(summed).all()), n_buckets
+    return "no error", True, n_buckets
+
+
+def test_fused_check_scans_every_bucket_before_it_leaves() -> None:
+    for msg, sum_finite, n_buckets in run_ok(_nan_in_a_late_bucket, 2, timeout_s=60):
+        assert n_buckets >= 4
+        assert "rank 1 at step 8" in msg
+        assert sum_finite  # rank 1 sent zeros from the NaN's bucket on: the sum never saw it
+
+
 def _mismatched_schedules(rank: int, world: int, mode: str = "before") -> str:
     model = _bn_model()
     sync = localsgd.LocalSGD(model, None, schedule=Fixed(2 if rank == 0 else 3), agreement_check=mode)
@@ -332,3 +359,60 @@ def _pre_average_hook(rank: int, world: int) -> tuple[list[float], bool]:
 def test_pre_average_hook_runs_before_every_average_and_its_changes_are_averaged() -> None:
     for seen, ok in run_ok(_pre_average_hook, 2):
         assert seen == [2.0, 2.0] and ok
+
+
+def _fused_words_under_average(rank: int, world: int, avg_support: str) -> dict:
+    """The fused check's words survive an average inside the collective exactly, at any world size.
+
+    ``avg_support``: "probe" (this PyTorch's Gloo, which averages in the collective), "sum" (an
+    older Gloo that rejects ReduceOp.AVG when the collective is created: the probe must fall back
+    to summing and dividing).
+    """
+    from localsgd import dist as ldist
+
+    if avg_support == "sum":
+        real_all_reduce = tdist.all_reduce
+
+        def old_gloo_all_reduce(tensor, op=tdist.ReduceOp.SUM, group=None, async_op=False):  # type: ignore[no-untyped-def]
+            if op == tdist.ReduceOp.AVG:
+                raise RuntimeError("Cannot use ReduceOp.AVG with Gloo")
+            return real_all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+        tdist.all_reduce = old_gloo_all_reduce
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(1))
+    gen = torch.Generator().manual_seed(rank)
+    losses, params_ok = [], []
+    for step in range(1, 7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        before = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        every = [torch.zeros_like(before) for _ in range(world)]
+        tdist.all_gather(every, before)
+        loss = 0.1 * (rank + 1) + step / 7  # a different round loss on every rank
+        sync.step(loss=torch.tensor(loss))
+        after = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+        params_ok.append(bool(torch.allclose(after, torch.stack(every).mean(0), atol=1e-6, rtol=0)))
+        # the engine keeps losses as float32; the mean over ranks is taken in float64, in rank order
+        per_rank = [float(torch.tensor(0.1 * (r + 1) + step / 7, dtype=torch.float32)) for r in range(world)]
+        losses.append((sync.last_round_loss, sum(per_rank) / world))
+    return {"averaged_in_collective": ldist._AVERAGE_IN_COLLECTIVE.get("gloo"), "params_ok": params_ok,
+            "losses": losses, "check_bytes": sync.stats.check_bytes, "rounds": sync.stats.rounds}
+
+
+@pytest.mark.parametrize(("world", "avg_support"), [(3, "probe"), (2, "sum")])
+def test_fused_check_words_exact_whether_the_collective_averages_or_sums(world: int, avg_support: str) -> None:
+    for r in run_ok(_fused_words_under_average, world, avg_support, timeout_s=120):
+        if avg_support == "sum":
+            assert r["averaged_in_collective"] is False
+        else:  # Gloo averages in the collective in PyTorch 2.11 and 2.13 (seen); older releases may not
+            assert isinstance(r["averaged_in_collective"], bool)
+            if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11):
+                assert r["averaged_in_collective"] is True
+        assert all(r["params_ok"])
+        # The round loss rides as float64 bits in 16-bit words: exact only if every word was restored.
+        assert all(got == want for got, want in r["losses"][1:]), r["losses"]
+        # No fallback to the full check after the first sync: every hash word arrived intact.
+        full_check = 8 * (2 * 5 + 3 * world + 1 + 1)
+        assert r["check_bytes"] == full_check + (r["rounds"] - 1) * 4 * (9 * world + 1)
