@@ -15,6 +15,10 @@ against its peers. Four ways to average the same parameters are timed on two loc
   ``LocalSGD`` / torchft ``LocalSGD`` pattern; ``peers.md`` §2-3).
 * ``floor``: a bare all-reduce of one pre-flattened tensor with the same number of elements: no copy,
   no division, no check. Nothing that averages these parameters on Gloo can be faster.
+* ``floor_avg``: the same bare all-reduce with ``ReduceOp.AVG`` (Gloo averages inside the collective
+  since recent PyTorch releases; skipped where it cannot). It measures what the division alone costs
+  on this backend, which every averaging method pays and ``floor`` does not: ``ours / floor_avg``
+  isolates the engine's own overhead (the check, the finiteness pass, Python).
 
 Two models stress the two regimes: ``few_large`` (4 tensors, 4M floats in full mode, 1M with
 ``--quick``: bandwidth and memory passes) and ``many_small`` (200 tensors of 1,024 floats: per-call
@@ -22,18 +26,28 @@ and per-tensor latency).
 
 Method: each method gets its own copy of the model (the same shapes and values per rank, different
 values on the two ranks). After warm-up repetitions, the timed repetitions are interleaved: in every
-repetition each method runs once, in an order rotated by one each repetition, each call preceded by a
-barrier. A call's time is the maximum over the ranks (one MAX all-reduce of all per-rank times at the
-end), and a method's time is the median over repetitions. Ratios are ours / floor and ours / torch
+repetition each method runs once, in a random order drawn anew each repetition (the same on both
+ranks; a fixed rotation would keep every method behind the same predecessor, whose after-effects on
+caches and on Gloo's threads then bias it), each call preceded by a barrier. A call's time is the
+maximum over the ranks (one MAX all-reduce of all per-rank times at the end), and a method's time is
+the median over repetitions. Ratios are ours / floor and ours / torch
 (ratio of medians; the median of the per-repetition paired ratios is reported too). The issue's
 targets are ours <= 1.10x the floor and <= 1.0x torch on both models.
 
-Run ``python benchmarks/averaging.py [--quick]``; the last line of output is one JSON object.
+The default link is loopback, where a bare all-reduce moves data at memory speed, so every pass over
+memory that averaging needs (the division above all) weighs most. ``--link-mbit R`` instead runs the
+two ranks in two network namespaces joined by a veth pair shaped to R Mbit/s by a token-bucket filter
+(``tc qdisc ... tbf``; root and iproute2 needed; the namespaces are removed afterwards): a real,
+if small, cluster link.
+
+Run ``python benchmarks/averaging.py [--quick] [--link-mbit R]``; the last line of output is one JSON
+object.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import multiprocessing as mp
@@ -41,6 +55,7 @@ import os
 import queue as queue_mod
 import socket
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -51,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this
 
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
 
-METHODS = ("ours", "ours_before", "torch", "per_param", "floor")
+METHODS = ("ours", "ours_before", "torch", "per_param", "floor", "floor_avg")
 TARGET_VS_FLOOR = 1.10
 TARGET_VS_TORCH = 1.0
 
@@ -97,6 +112,7 @@ def _bench_model(name: str, quick: bool, warmup: int, reps: int, rank: int, worl
     per_param_model = _make_model(shapes, rank)
     n_params = sum(p.numel() for p in ours_model.parameters())
     floor_buf = torch.zeros(n_params)  # zeros: repeated unscaled sums stay finite
+    floor_avg_buf = torch.randn(n_params, generator=torch.Generator().manual_seed(99 + rank))
 
     sync = LocalSGD(ours_model, None, schedule=Fixed(1))
     sync_before = LocalSGD(before_model, None, schedule=Fixed(1), agreement_check="before")
@@ -119,8 +135,16 @@ def _bench_model(name: str, quick: bool, warmup: int, reps: int, rank: int, worl
     def floor() -> None:
         tdist.all_reduce(floor_buf, group=group)
 
+    def floor_avg() -> None:
+        tdist.all_reduce(floor_avg_buf, op=tdist.ReduceOp.AVG, group=group)
+
     calls = {"ours": ours, "ours_before": ours_before, "torch": torch_avg, "per_param": per_param,
-             "floor": floor}
+             "floor": floor, "floor_avg": floor_avg}
+    methods = list(METHODS)
+    try:
+        floor_avg()
+    except RuntimeError:  # an older Gloo without ReduceOp.AVG rejects it on every rank before sending
+        methods.remove("floor_avg")
 
     # Sanity: the averaging methods agree after their first call.
     for m in ("ours", "ours_before", "torch", "per_param"):
@@ -132,32 +156,85 @@ def _bench_model(name: str, quick: bool, warmup: int, reps: int, rank: int, worl
             raise AssertionError(f"{name}: {m} does not average like torch's average_parameters")
 
     for _ in range(warmup):
-        for m in METHODS:
+        for m in methods:
             tdist.barrier()
             calls[m]()
-    times = torch.zeros(len(METHODS), reps, dtype=torch.float64)
+    order = torch.Generator().manual_seed(2024)  # the same seed on every rank: the same order
+    times = torch.zeros(len(methods), reps, dtype=torch.float64)
     for r in range(reps):
-        for k in range(len(METHODS)):
-            i = (r + k) % len(METHODS)
+        for i in torch.randperm(len(methods), generator=order).tolist():
             tdist.barrier()
             t0 = time.perf_counter()
-            calls[METHODS[i]]()
+            calls[methods[i]]()
             times[i, r] = time.perf_counter() - t0
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX)  # a call lasts until the slowest rank is done
-    per_method = {m: times[i].tolist() for i, m in enumerate(METHODS)}
+    per_method = {m: times[i].tolist() for i, m in enumerate(methods)}
     return {"n_params": n_params, "n_tensors": len(shapes), "times": per_method,
             "ours_stats_rounds": sync.stats.rounds}
 
 
+class ShapedLink:
+    """Two network namespaces joined by a veth pair, each end shaped to ``rate_mbit`` by a tbf qdisc."""
+
+    SUBNET = "10.231.77"
+
+    def __init__(self, rate_mbit: float) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.names = [f"lsgdb{tag}a", f"lsgdb{tag}b"]
+        self.ifaces = [f"lsgv{tag}a", f"lsgv{tag}b"]
+        self.addrs = [f"{self.SUBNET}.1", f"{self.SUBNET}.2"]
+        self.rate_mbit = rate_mbit
+
+    def __enter__(self) -> ShapedLink:
+        rate_bytes = self.rate_mbit * 1e6 / 8
+        burst = max(32_000, int(rate_bytes / 1000))  # 1 ms of traffic: small messages are shaped too
+        cmds = [["ip", "netns", "add", n] for n in self.names]
+        cmds.append(["ip", "link", "add", self.ifaces[0], "type", "veth", "peer", "name", self.ifaces[1]])
+        for ns, iface, addr in zip(self.names, self.ifaces, self.addrs):
+            cmds += [["ip", "link", "set", iface, "netns", ns],
+                     ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", iface],
+                     ["ip", "-n", ns, "link", "set", iface, "up"],
+                     ["ip", "-n", ns, "link", "set", "lo", "up"],
+                     ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", iface, "root", "tbf",
+                      "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "latency", "100ms"]]
+        try:
+            for cmd in cmds:
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.__exit__()
+            detail = getattr(exc, "stderr", "") or str(exc)
+            raise RuntimeError(f"--link-mbit needs root and iproute2 (ip netns, veth, tc tbf): "
+                               f"{' '.join(map(str, getattr(exc, 'cmd', [])))} failed: {detail.strip()}") from exc
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in self.names:  # deleting a namespace deletes its end of the veth pair, and so the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _enter_netns(name: str) -> None:
+    """Move this (still single-threaded, socket-less) process into network namespace ``name``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/var/run/netns/{name}") as f:
+        if libc.setns(f.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name} failed")
+
+
 def _worker(rank: int, world: int, port: int, quick: bool, warmup: int, reps: int, models: list[str],
-            out: Any) -> None:
+            out: Any, link: tuple[list[str], list[str], list[str]] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    master = "127.0.0.1"
+    if link is not None:  # this rank's namespace and interface; rank 0's address hosts the rendezvous
+        names, ifaces, addrs = link
+        _enter_netns(names[rank])
+        os.environ["GLOO_SOCKET_IFNAME"] = ifaces[rank]
+        master = addrs[0]
     import torch
     import torch.distributed as tdist
 
     torch.set_num_threads(1)
     try:
-        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        tdist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world,
                                  timeout=datetime.timedelta(seconds=120))
         results = {name: _bench_model(name, quick, warmup, reps, rank, world) for name in models}
         out.put((rank, "ok", results))
@@ -168,13 +245,15 @@ def _worker(rank: int, world: int, port: int, quick: bool, warmup: int, reps: in
             tdist.destroy_process_group()
 
 
-def run(quick: bool, warmup: int, reps: int, models: list[str], timeout_s: float) -> dict[str, Any]:
+def run(quick: bool, warmup: int, reps: int, models: list[str], timeout_s: float,
+        link: ShapedLink | None = None) -> dict[str, Any]:
     world = 2
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, quick, warmup, reps, models, out), daemon=True)
-             for r in range(world)]
+    where = None if link is None else (link.names, link.ifaces, link.addrs)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, quick, warmup, reps, models, out, where),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, tuple[str, Any]] = {}
@@ -206,14 +285,19 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, res in raw.items():
         t = res["times"]
-        med = {m: statistics.median(t[m]) for m in METHODS}
+        med = {m: statistics.median(t[m]) for m in t}
         paired_floor = statistics.median(a / b for a, b in zip(t["ours"], t["floor"]))
         paired_torch = statistics.median(a / b for a, b in zip(t["ours"], t["torch"]))
+        avg = {}
+        if "floor_avg" in t:
+            avg = {"floor_avg_vs_floor": med["floor_avg"] / med["floor"],
+                   "ratio_vs_floor_avg": med["ours"] / med["floor_avg"],
+                   "paired_ratio_vs_floor_avg": statistics.median(a / b for a, b in zip(t["ours"], t["floor_avg"]))}
         out[name] = {
             "n_params": res["n_params"],
             "n_tensors": res["n_tensors"],
             "seconds": med,
-            "seconds_p25_p75": {m: list(statistics.quantiles(t[m], n=4)[::2]) for m in METHODS},
+            "seconds_p25_p75": {m: list(statistics.quantiles(t[m], n=4)[::2]) for m in t},
             "ratio_vs_floor": med["ours"] / med["floor"],
             "ratio_vs_torch": med["ours"] / med["torch"],
             "ratio_vs_per_param": med["ours"] / med["per_param"],
@@ -222,19 +306,28 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
             "torch_vs_floor": med["torch"] / med["floor"],
             "paired_ratio_vs_floor": paired_floor,
             "paired_ratio_vs_torch": paired_torch,
+            **avg,
         }
     return out
+
+
+def _worst(models: dict[str, Any], key: str) -> float | None:
+    values = [d[key] for d in models.values() if key in d]
+    return max(values) if values else None
 
 
 def table(models: dict[str, Any]) -> str:
     head = f"{'model':<11} {'params':>9} {'tensors':>7} " + " ".join(f"{m + ' ms':>13}" for m in METHODS)
     head += f" {'ours/floor':>10} {'ours/torch':>10} {'bef/floor':>10} {'bef/torch':>10}"
+    head += f" {'avg/floor':>10} {'ours/avg':>10}"
     lines = [head, "-" * len(head)]
     for name, d in models.items():
-        ms = " ".join(f"{1e3 * d['seconds'][m]:>13.3f}" for m in METHODS)
+        ms = " ".join(f"{1e3 * d['seconds'][m]:>13.3f}" if m in d["seconds"] else f"{'-':>13}" for m in METHODS)
+        avg = (f" {d['floor_avg_vs_floor']:>10.3f} {d['ratio_vs_floor_avg']:>10.3f}" if "ratio_vs_floor_avg" in d
+               else f" {'-':>10} {'-':>10}")
         lines.append(f"{name:<11} {d['n_params']:>9} {d['n_tensors']:>7} {ms} "
                      f"{d['ratio_vs_floor']:>10.3f} {d['ratio_vs_torch']:>10.3f} "
-                     f"{d['before_ratio_vs_floor']:>10.3f} {d['before_ratio_vs_torch']:>10.3f}")
+                     f"{d['before_ratio_vs_floor']:>10.3f} {d['before_ratio_vs_torch']:>10.3f}{avg}")
     return "\n".join(lines)
 
 
@@ -245,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed repetitions per method and model")
     ap.add_argument("--models", default="few_large,many_small", help="comma-separated: few_large,many_small")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before the ranks are killed")
+    ap.add_argument("--link-mbit", type=float, default=0.0,
+                    help="run the ranks in two network namespaces over a veth link shaped to this many Mbit/s "
+                         "(root; default 0: loopback)")
     args = ap.parse_args(argv)
     reps = args.reps or (60 if args.quick else 300)
     warmup = args.warmup if args.warmup is not None else (5 if args.quick else 20)
@@ -256,10 +352,16 @@ def main(argv: list[str] | None = None) -> None:
 
     code = source_digest(), git_state()  # before measuring: the code that is imported now
     start = time.perf_counter()
-    raw = run(args.quick, warmup, reps, models, args.timeout)
+    if args.link_mbit > 0:
+        with ShapedLink(args.link_mbit) as link:
+            raw = run(args.quick, warmup, reps, models, args.timeout, link)
+        where = f"over a veth link shaped to {args.link_mbit:g} Mbit/s between two network namespaces"
+    else:
+        raw = run(args.quick, warmup, reps, models, args.timeout)
+        where = "on localhost (loopback)"
     models_out = summarise(raw)
-    print(f"seconds per sync, 2 Gloo ranks on localhost, 1 thread each; median of {reps} interleaved "
-          f"repetitions after {warmup} warm-up (per repetition: max over ranks); torch {torch.__version__}")
+    print(f"seconds per sync, 2 Gloo ranks {where}, 1 thread each; median of {reps} repetitions in "
+          f"random order after {warmup} warm-up (per repetition: max over ranks); torch {torch.__version__}")
     print(table(models_out))
     worst_floor = max(d["ratio_vs_floor"] for d in models_out.values())
     worst_torch = max(d["ratio_vs_torch"] for d in models_out.values())
@@ -280,7 +382,12 @@ def main(argv: list[str] | None = None) -> None:
         "meets_torch_target": worst_torch <= TARGET_VS_TORCH,
         "before_ratio_vs_floor": max(d["before_ratio_vs_floor"] for d in models_out.values()),
         "before_ratio_vs_torch": max(d["before_ratio_vs_torch"] for d in models_out.values()),
+        # what the division alone costs on this backend (a bare AVG all-reduce over the bare SUM one),
+        # and ours over that: the engine's own overhead; None where the backend has no AVG
+        "floor_avg_vs_floor": _worst(models_out, "floor_avg_vs_floor"),
+        "ratio_vs_floor_avg": _worst(models_out, "ratio_vs_floor_avg"),
         "world_size": 2,
+        "link_mbit": args.link_mbit or None,  # None: loopback
         "localsgd_source_sha256_12": code[0],
         "git": code[1],
         "backend": "gloo",
