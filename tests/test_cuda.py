@@ -99,3 +99,23 @@ def test_trainer_on_nccl_and_cuda_at_world_size_one(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backend"] == "nccl"
     assert summary["final_eval_accuracy"] >= 0.90, summary  # the default job's target (issue 2)
+
+
+OPTIMIZER_RUNS = {
+    # the default task (MNIST-1D, cnn1d), STN's layers and augmentation on the GPU
+    "stn": ["optimizer=stn", "optimizer.hyper_warmup_steps=20", "trainer.max_steps=80"],
+    "learned": ["data=digits", "model=mlp", "model.hidden=[32]", "optimizer=learned", "trainer.max_steps=60"],
+    "metz_unsupervised": ["data=digits", "model=mlp", "model.hidden=[32,32]", "optimizer=metz_unsupervised",
+                          "optimizer.pretrain_steps=20", "trainer.max_steps=60"],
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZER_RUNS))
+def test_every_unusual_optimizer_plugin_trains_on_cuda(tmp_path: Path, optimizer: str) -> None:
+    run_dir = tmp_path / "run"
+    proc = torchrun(tmp_path, run_dir, [*OPTIMIZER_RUNS[optimizer], "checkpoint=off", "trainer.eval_every=0"],
+                    nproc=1, timeout=600)
+    assert proc.returncode == 0, output(proc)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["backend"] == "nccl" and summary["optimizer"] == optimizer
+    assert summary["final_eval_loss"] == summary["final_eval_loss"]  # finite: no NaN from a device mix-up
