@@ -537,8 +537,10 @@ class LocalSGD:
         digest = struct.pack("<II", zlib.crc32(packed), zlib.crc32(packed, 0x9E3779B9))  # 64 bits, µs
         mean = self._round_loss[0] / self._round_loss[1] if self._round_loss[1] else float("nan")
         slot = (*struct.unpack("<4H", digest), int(nonfinite), *struct.unpack("<4H", struct.pack("<d", mean)))
-        lo = _SLOT_WORDS * me
-        self.stats.check_bytes += tail.numel() * tail.element_size()
+        # The tail holds slots for the whole world; a smaller group (hierarchical) uses its last
+        # _SLOT_WORDS x size + 1 words, and the rest stay zero on every rank.
+        lo = tail.numel() - (_SLOT_WORDS * world + 1) + _SLOT_WORDS * me
+        self.stats.check_bytes += tail.numel() * tail.element_size()  # the whole tail is submitted
         if self._check_tail_np is not None:
             words = self._check_tail_np
             words[:] = 0
@@ -556,10 +558,10 @@ class LocalSGD:
         assert tail is not None
         world = self._size_rank(group)[0]
         factor = world if self._check_words_averaged else 1
+        n = _SLOT_WORDS * world + 1  # this group's slots and the stop word, at the end of the tail
         # One device-to-host copy. Each slot has one writer, so a sum carries its words exactly and an
         # average carries word/world to within 2**-24 relative: round(x * world) restores the word.
-        out = [round(x * factor) for x in tail.tolist()]
-        n = len(out)
+        out = [round(x * factor) for x in tail[tail.numel() - n :].tolist()]
         first = out[:4]
         ok = all(out[i : i + 4] == first and out[i + 4] == 0 for i in range(0, n - 1, _SLOT_WORDS))
         if ok:

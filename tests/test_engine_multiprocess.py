@@ -416,3 +416,31 @@ def test_fused_check_words_exact_whether_the_collective_averages_or_sums(world: 
         # No fallback to the full check after the first sync: every hash word arrived intact.
         full_check = 8 * (2 * 5 + 3 * world + 1 + 1)
         assert r["check_bytes"] == full_check + (r["rounds"] - 1) * 4 * (9 * world + 1)
+
+
+def _hierarchical_fused(rank: int, world: int) -> dict:
+    """Group syncs (2 of 4 ranks) use the fused check too: their words sit at the end of the tail."""
+    from localsgd.schedules import Hierarchical
+
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Hierarchical(H_group=1, H_global=4, group_size=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(float(rank))
+    for _ in range(8):
+        sync.step(loss=torch.tensor(0.5 + rank))
+    tail = sync._check_tail.numel() * 4
+    return {"check_bytes": sync.stats.check_bytes, "tail": tail, "loss": sync.last_round_loss,
+            "bias": float(model[0].bias[0].detach() - _bn_model()[0].bias[0].detach())}
+
+
+def test_hierarchical_group_syncs_pass_the_fused_check() -> None:
+    out = run_ok(_hierarchical_fused, 4, timeout_s=120)
+    # Steps 1-3 are group syncs before any global one: full MAX check in the group of 2 (int64 words);
+    # step 4 is the first global sync: full check over 4; steps 5-8 (3 group syncs and a global one)
+    # ride in the average, and none of them falls back to the full check.
+    in_group, in_world = 8 * (2 * 5 + 3 * 2 + 1 + 1), 8 * (2 * 5 + 3 * 4 + 1 + 1)
+    for r in out:
+        assert r["check_bytes"] == 3 * in_group + in_world + 4 * r["tail"], r
+        assert r["loss"] == (0.5 + 1.5 + 2.5 + 3.5) / 4  # the global mean of the ranks' round losses
+    assert all(abs(r["bias"] - 1.5) < 1e-6 for r in out)  # the global mean of the rank offsets 0..3
