@@ -269,11 +269,12 @@ _AVERAGE_IN_COLLECTIVE: dict[str, bool] = {"nccl": True}
 def average_in_collective(group: Any = None) -> bool:
     """Whether this backend's all-reduce can average (``ReduceOp.AVG``), so callers need no division pass.
 
-    NCCL always can. Gloo gained AVG in recent PyTorch releases; older ones reject the op when the
-    collective is created, before anything is sent, on every rank alike. So the first call probes
-    with a one-element all-reduce and remembers the answer for the process: it is a collective, and
-    every rank of ``group`` must make it at the same point (the averaging engine calls it right
-    before its first averaging all-reduce).
+    NCCL always can. Gloo gained AVG in recent PyTorch releases; older ones reject the op ("Cannot
+    use ReduceOp.AVG with Gloo") on every rank alike before anything is sent, either when the
+    collective is created or, in some releases, when its work runs (the error then comes out of
+    ``wait``). So the first call probes with a one-element all-reduce and remembers the answer for
+    the process: it is a collective, and every rank of ``group`` must make it at the same point (the
+    averaging engine calls it right before its first averaging all-reduce).
     """
     name = backend()
     known = _AVERAGE_IN_COLLECTIVE.get(name)
@@ -283,11 +284,13 @@ def average_in_collective(group: Any = None) -> bool:
         return False
     probe = torch.ones(1, device=device())
     try:
-        work = tdist.all_reduce(probe, op=tdist.ReduceOp.AVG, group=group, async_op=True)
-    except (RuntimeError, ValueError):  # "Cannot use ReduceOp.AVG with Gloo": raised locally, nothing sent
+        tdist.all_reduce(probe, op=tdist.ReduceOp.AVG, group=group, async_op=True).wait()
+    except (RuntimeError, ValueError) as exc:
+        if "AVG" not in str(exc):  # a real failure (a dead rank, a timeout), not the op's absence
+            raise CollectiveTimeout(f"rank {rank()}: probe for ReduceOp.AVG failed or timed out ({exc}); "
+                                    "another rank probably died or hung (see comm.train_timeout_s)") from exc
         _AVERAGE_IN_COLLECTIVE[name] = False
         return False
-    _wait(work, "probe for ReduceOp.AVG")
     _AVERAGE_IN_COLLECTIVE[name] = bool(probe.item() == 1.0)
     return _AVERAGE_IN_COLLECTIVE[name]
 

@@ -113,6 +113,11 @@ class _Group:
             offset += b.numel()
 
 
+# What _finish_average needs: the group, one handle per bucket, whether the collective averaged, and
+# the groups in the order their buckets were launched.
+_Pending = tuple[Any, list[Any], bool, list[_Group]]
+
+
 def _as_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     if optimizer is None:
         return []
@@ -250,16 +255,16 @@ class LocalSGD:
                     p.data = view  # the parameter now lives inside the flat buffer
                     offset += p.numel()
             group = _Group(flat, ps, bs, pn, check_numel=check_numel)
-            per_bucket = max(1, self.bucket_cap_bytes // flat.element_size())
-            group.buckets = [(s, min(s + per_bucket, flat.numel())) for s in range(0, flat.numel(), per_bucket)]
+            group.buckets = _bucket_bounds(group.data_numel, flat.numel(), self.bucket_cap_bytes // flat.element_size())
             group.make_views()
             self._groups.append(group)
         self._param_ptrs = [(p, p.data_ptr()) for g in self._groups for p in g.params]
         self._int_buffer_list = self._int_buffers()
-        # The check group goes last: the fused check's words, which carry this rank's non-finite
-        # verdict, ride in the last bucket launched, after every other bucket was scanned.
-        self._groups.sort(key=lambda g: g.check_numel > 0)
+        self._buffer_ptrs = [b.data_ptr() for b in buffers]  # model order, as _check_layout sees them
         self._check_group = next((g for g in self._groups if g.check_numel), None)
+        # The fused check launches the check group last: its words, which carry this rank's
+        # non-finite verdict, ride in the last bucket launched, after every other bucket was scanned.
+        self._launch_order = sorted(self._groups, key=lambda g: g.check_numel > 0)
         g = self._check_group
         self._check_tail = None if g is None else g.flat[g.flat.numel() - g.check_numel :]
         self._check_tail_np = None  # a numpy view of a CPU tail: writing 19 words costs ~1 µs, not ~10
@@ -297,9 +302,7 @@ class LocalSGD:
         same = len(params_now) == len(self._param_ptrs) and all(
             p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(params_now, self._param_ptrs)
         )
-        same = same and [b.data_ptr() for b in self._averaged_buffers()] == [
-            b.data_ptr() for g in self._groups for b in g.buffers
-        ]
+        same = same and [b.data_ptr() for b in self._averaged_buffers()] == self._buffer_ptrs
         if not same:
             self._build_layout()
             if self._global is not None and [t.numel() for t in self._global] != [
@@ -435,7 +438,7 @@ class LocalSGD:
         """Sum every bucket across ``group`` (all started before any is awaited), then scale."""
         self._finish_average(self._start_average(group))
 
-    def _start_average(self, group: Any = None, contribute_zeros: bool = False) -> tuple[Any, list[Any], bool]:
+    def _start_average(self, group: Any = None, contribute_zeros: bool = False) -> _Pending:
         """Start one all-reduce per bucket, all in flight before any is awaited.
 
         Where the backend averages inside the collective (NCCL; Gloo in recent PyTorch, probed once)
@@ -457,9 +460,9 @@ class LocalSGD:
             self._check_words_averaged = in_collective
             handles = [dist.all_reduce_sum_async(view, group=group, average=in_collective)
                        for g in self._groups for view in g.bucket_views]
-        return group, handles, in_collective
+        return group, handles, in_collective, self._groups
 
-    def _start_scanned_average(self, group: Any, loss_bad: int, next_h: int) -> tuple[tuple[Any, list[Any], bool], int]:
+    def _start_scanned_average(self, group: Any, loss_bad: int, next_h: int) -> tuple[_Pending, int]:
         """The fused check's average: every bucket is scanned for NaN/Inf right before it is launched.
 
         So the scan of bucket k+1 runs while bucket k travels (and, where the backend averages, while
@@ -479,8 +482,8 @@ class LocalSGD:
                     g.flat[g.param_numel : g.data_numel].zero_()  # rank 0's buffers survive the sum unscaled
             in_collective = world > 1 and self.buffer_policy != "broadcast" and dist.average_in_collective(group)
             self._check_words_averaged = in_collective
-            for g in self._groups:
-                last = len(g.buckets) - 1
+            for g in self._launch_order:
+                last = len(g.buckets) - 1  # it alone holds the check words (see _bucket_bounds)
                 for i, (view, data) in enumerate(zip(g.bucket_views, g.bucket_data)):
                     if not bad and not _all_finite(data):
                         bad = True
@@ -490,10 +493,10 @@ class LocalSGD:
                         self._write_fused_check_words(bad, next_h, group)
                     handles.append(dist.all_reduce_sum_async(view, group=group, average=in_collective))
         local_bad = loss_bad if loss_bad >= 0 else (self.local_step if bad else -1)
-        return (group, handles, in_collective), local_bad
+        return (group, handles, in_collective, self._launch_order), local_bad
 
-    def _finish_average(self, pending: tuple[Any, list[Any], bool], scale: bool = True) -> None:
-        group, handles, in_collective = pending
+    def _finish_average(self, pending: _Pending, scale: bool = True) -> None:
+        group, handles, in_collective, order = pending
         world = self._size_rank(group)[0]
         with torch.no_grad():
             if in_collective or world == 1:
@@ -501,7 +504,7 @@ class LocalSGD:
                     dist.wait(h, "LocalSGD parameter average")
             else:
                 # Scale each bucket as soon as it arrives, while later buckets are still in flight.
-                slices = [(g, s, e) for g in self._groups for s, e in g.buckets]
+                slices = [(g, s, e) for g in order for s, e in g.buckets]  # the launch order
                 for h, (g, s, e) in zip(handles, slices):
                     dist.wait(h, "LocalSGD parameter average")
                     if scale:
@@ -748,6 +751,16 @@ class LocalSGD:
                 t.copy_(saved)
         if self.on_nonfinite == "skip_round":
             self._take_snapshot()
+
+
+def _bucket_bounds(data_numel: int, total: int, per_bucket: int) -> list[tuple[int, int]]:
+    """Bucket [start, end) ranges: ``per_bucket`` elements of data each, the check words (``total -
+    data_numel`` of them) appended to the last, so they are written once, before the last launch,
+    and never share memory with a bucket already in flight."""
+    per_bucket = max(1, per_bucket)
+    bounds = [(s, min(s + per_bucket, data_numel)) for s in range(0, data_numel, per_bucket)] or [(0, 0)]
+    bounds[-1] = (bounds[-1][0], total)
+    return bounds
 
 
 def _all_finite(t: torch.Tensor) -> bool:

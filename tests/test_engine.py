@@ -159,3 +159,35 @@ def test_engine_state_dict_round_trip() -> None:
     other.load_state_dict(sync.state_dict())
     assert (other.local_step, other.last_sync_step, other.stats.rounds) == (7, 6, 2)
     assert [other.step() for _ in range(2)] == [False, True]
+
+
+@pytest.mark.parametrize("floats_per_bucket", [1, 7, 40, 100, 112, 115, 119, 1000])
+def test_check_words_always_ride_in_the_last_bucket(floats_per_bucket: int) -> None:
+    """The fused check writes its words right before the last launch; no earlier bucket may hold
+    any of them (it would already be in flight). 110 data floats + 10 words: cutting the whole
+    buffer into equal buckets would split the words at caps 1, 7 and 112-119."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6))  # 56 + 54 = 110 parameters
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(1), bucket_cap_mb=floats_per_bucket * 4 / 2**20)
+    g = sync._groups[0]
+    assert g.check_numel == 10 and g.data_numel == 110
+    starts, ends = [s for s, _ in g.buckets], [e for _, e in g.buckets]
+    assert starts[0] == 0 and ends[-1] == g.flat.numel() and starts[1:] == ends[:-1]  # contiguous cover
+    assert starts[-1] <= g.data_numel  # the whole tail is in the last bucket
+    assert all(e - s <= floats_per_bucket for s, e in g.buckets[:-1])
+    for _ in range(3):
+        assert sync.step()  # world size 1: the fused path runs and passes its own check
+
+
+def test_layout_is_not_rebuilt_when_the_check_group_is_not_launched_last() -> None:
+    """float64 first in model order (so it holds the check words) with buffers in both groups: the
+    full layout check of finalize() must see the layout unchanged, and keep the fused check on."""
+    model = nn.Module()
+    model.a = nn.BatchNorm1d(4).double()
+    model.b = nn.BatchNorm1d(4)
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(2))
+    groups = sync._groups
+    assert [g.flat.dtype for g in groups] == [torch.float64, torch.float32] and groups[0].check_numel
+    for _ in range(4):
+        sync.step()
+    sync.finalize()  # in sync: only the layout check runs
+    assert sync._groups is groups and sync._layout_agreed

@@ -180,6 +180,27 @@ def test_nan_on_one_rank_raises_on_every_rank_before_averaging(mode: str) -> Non
         assert "NonFiniteError" in msg and "rank 1 at step 8" in msg
 
 
+def _words_at_a_bucket_edge(rank: int, world: int) -> tuple[int, int, bool]:
+    """A bucket cap that ends 5 floats before the data does (so 14 of the 19 words would have sat in
+    a bucket already in flight): every fused round must still pass, on every rank alike."""
+    model = _bn_model()  # 60 + 12 + 12 + 36 + 3 parameters, 24 float buffer elements: 147 data floats
+    n_data = sum(p.numel() for p in model.parameters()) + 24
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(1), bucket_cap_mb=(n_data - 5) * 4 / 2**20)
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(40):
+        with torch.no_grad():
+            model[0].weight.add_(torch.randn(model[0].weight.shape, generator=gen))
+        sync.step(loss=torch.tensor(1.0 + rank))
+    tail = sync._check_tail.numel() * 4
+    full_check = 8 * (2 * 5 + 3 * world + 1 + 1)
+    return sync.stats.check_bytes, full_check + 39 * tail, len(sync._groups[0].buckets) == 2
+
+
+def test_fused_check_words_never_share_a_bucket_in_flight() -> None:
+    for got, want, two_buckets in run_ok(_words_at_a_bucket_edge, 2, timeout_s=120):
+        assert two_buckets and got == want  # no round fell back to the full check
+
+
 def _nan_in_a_late_bucket(rank: int, world: int) -> tuple[str, bool, int]:
     """Fused check over several buckets (each scanned right before it leaves): a NaN that sits in the
     last parameter bucket of rank 1 is named, and no NaN reaches the sum on any rank."""
@@ -370,11 +391,17 @@ def _fused_words_under_average(rank: int, world: int, avg_support: str) -> dict:
     """
     from localsgd import dist as ldist
 
-    if avg_support == "sum":
+    if avg_support in ("sum", "sum_at_wait"):
         real_all_reduce = tdist.all_reduce
+
+        class _RejectedWork:  # some releases raise only when the work runs, out of wait()
+            def wait(self) -> None:
+                raise RuntimeError("Cannot use ReduceOp.AVG with Gloo")
 
         def old_gloo_all_reduce(tensor, op=tdist.ReduceOp.SUM, group=None, async_op=False):  # type: ignore[no-untyped-def]
             if op == tdist.ReduceOp.AVG:
+                if avg_support == "sum_at_wait" and async_op:
+                    return _RejectedWork()
                 raise RuntimeError("Cannot use ReduceOp.AVG with Gloo")
             return real_all_reduce(tensor, op=op, group=group, async_op=async_op)
 
@@ -401,10 +428,10 @@ def _fused_words_under_average(rank: int, world: int, avg_support: str) -> dict:
             "losses": losses, "check_bytes": sync.stats.check_bytes, "rounds": sync.stats.rounds}
 
 
-@pytest.mark.parametrize(("world", "avg_support"), [(3, "probe"), (2, "sum")])
+@pytest.mark.parametrize(("world", "avg_support"), [(3, "probe"), (2, "sum"), (2, "sum_at_wait")])
 def test_fused_check_words_exact_whether_the_collective_averages_or_sums(world: int, avg_support: str) -> None:
     for r in run_ok(_fused_words_under_average, world, avg_support, timeout_s=120):
-        if avg_support == "sum":
+        if avg_support != "probe":
             assert r["averaged_in_collective"] is False
         else:  # Gloo averages in the collective in PyTorch 2.11 and 2.13 (seen); older releases may not
             assert isinstance(r["averaged_in_collective"], bool)
