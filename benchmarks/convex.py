@@ -45,6 +45,10 @@ import torch
 from localsgd.data import SyntheticLogRegConfig, build
 from localsgd.schedules import AdaptivePD, Fixed, PatelDieuleveut, Stich, SyncSchedule
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAIN_ROWS_FULL = 49_749  # w8a's training rows
 TEST_FRACTION = 0.2
@@ -244,10 +248,7 @@ def curve_on_grid(curves: list[Curve], axis: str, grid: np.ndarray, K: int, b: i
 
 
 def plot(results: dict[int, list[RunResult]], b: int, axis: str, path: Path, h1_target: dict[int, float]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = sorted(results)
     fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 4.2), squeeze=False)
@@ -265,9 +266,7 @@ def plot(results: dict[int, list[RunResult]], b: int, axis: str, path: Path, h1_
         ax.set_ylabel("f(x̄) − f*")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, title="schedule (rounds)", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
 from localsgd.learned import tasks  # noqa: E402
 from localsgd.learned.lopt import BUNDLED_CHECKPOINT, LearnedOptimizer, load_checkpoint  # noqa: E402
@@ -182,10 +183,7 @@ def mnist1d_table(quick: bool) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- plots
 def plot(held: dict[str, Any], mnist: dict[str, Any], quick: bool) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if quick else ""
@@ -202,10 +200,8 @@ def plot(held: dict[str, Any], mnist: dict[str, Any], quick: bool) -> list[str]:
     ax.set_ylabel(f"final training loss after {held['steps']} steps")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     path = RESULTS / f"learned_heldout{suffix}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     paths.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -217,10 +213,8 @@ def plot(held: dict[str, Any], mnist: dict[str, Any], quick: bool) -> list[str]:
     ax.set_ylabel("training loss (logging window mean)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     path = RESULTS / f"learned_mnist1d{suffix}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     paths.append(path)
     return [os.path.relpath(p, Path(__file__).resolve().parent) for p in paths]
 

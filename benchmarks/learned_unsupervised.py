@@ -39,6 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
 from localsgd.learned.meta_train_unsupervised import (  # noqa: E402
     HeldOutEpisodes,
@@ -239,10 +240,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 def plot(curve: dict[str, list[float]], references: dict[str, float], meta: dict[str, Any]) -> str:
     """Accuracy versus steps for the bundled and the random-θ rule, with horizontal reference levels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -257,10 +255,8 @@ def plot(curve: dict[str, list[float]], references: dict[str, float], meta: dict
     ax.set_ylabel("10-shot ridge accuracy")
     ax.legend(loc="center right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     path = RESULTS / "unsup_steps.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return os.path.relpath(path, Path(__file__).resolve().parent)
 
 

@@ -31,6 +31,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,10 +66,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def plot(steps: np.ndarray, bs: np.ndarray, loss: np.ndarray, batch: np.ndarray, K: int, path: Path,
          title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     ax = axes[0]
@@ -97,9 +98,7 @@ def plot(steps: np.ndarray, bs: np.ndarray, loss: np.ndarray, batch: np.ndarray,
     ax.grid(True, which="both", alpha=0.3)
     fig.colorbar(sc, ax=ax)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this
 
 import torch  # noqa: E402
 
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
 from localsgd.optim import first_decay_step, lr_at  # noqa: E402
 from localsgd.ramps import BatchRamp, ConstantBatch, LinearRamp  # noqa: E402
@@ -300,10 +301,7 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
 
 
 def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colors = {s: f"C{i}" for i, s in enumerate(SCHEDULES)}
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
@@ -344,9 +342,7 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
     axes[1].set_title("test accuracy against samples")
     axes[2].set_title("test accuracy against rounds")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
 
 
 def read_train_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -37,10 +42,7 @@ def series(records: list[dict[str, Any]], prefix: str) -> dict[str, tuple[list[i
 
 
 def plot(run_dirs: list[Path], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [(d, read_train_records(d)) for d in run_dirs]
     names = sorted({n for _, recs in runs for n in series(recs, "hp/")})
@@ -68,10 +70,8 @@ def plot(run_dirs: list[Path], out: Path) -> list[str]:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
     return names
 
 

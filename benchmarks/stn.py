@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.figures import pyplot, save_figure  # noqa: E402
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
 from localsgd.data import MNIST1DConfig  # noqa: E402
 from localsgd.data import build as build_data  # noqa: E402
@@ -238,10 +239,7 @@ def one_seed(data: Data, seed: int, steps: int, warmup: int, n_random: int, chan
 
 
 def plot(per_seed: list[dict[str, Run]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, len(NAMES), figsize=(3.2 * len(NAMES), 3.0), sharex=False)
@@ -257,9 +255,7 @@ def plot(per_seed: list[dict[str, Run]], path: Path, title: str) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}"))
     axes[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def summarize(per_seed: list[dict[str, Run]]) -> dict[str, dict[str, Any]]:
