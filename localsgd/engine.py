@@ -447,17 +447,11 @@ class LocalSGD:
         the buckets are summed and :meth:`_finish_average` divides each as it arrives. Under the
         ``broadcast`` buffer policy rank 0's buffers must survive unscaled, so that policy sums.
         """
-        world, me, _ = self._size_rank(group)
         with torch.no_grad():
-            for g in self._groups:
-                for b, slot in zip(g.buffers, g.buffer_slots):
-                    slot.copy_(b)
-                if contribute_zeros:
+            in_collective = self._stage_buffers(group)
+            if contribute_zeros:
+                for g in self._groups:
                     g.flat[: g.data_numel].zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
-                elif self.buffer_policy == "broadcast" and me != 0 and g.buffers:
-                    g.flat[g.param_numel : g.data_numel].zero_()  # rank 0's buffers survive the sum unscaled
-            in_collective = world > 1 and self.buffer_policy != "broadcast" and dist.average_in_collective(group)
-            self._check_words_averaged = in_collective
             handles = [dist.all_reduce_sum_async(view, group=group, average=in_collective)
                        for g in self._groups for view in g.bucket_views]
         return group, handles, in_collective, self._groups
@@ -471,17 +465,10 @@ class LocalSGD:
         sum; the check words, which carry this rank's verdict, ride in the last bucket launched.
         Returns what :meth:`_finish_average` needs and this rank's first non-finite step (or -1).
         """
-        world, me, _ = self._size_rank(group)
         bad = loss_bad >= 0
         handles = []
         with torch.no_grad():
-            for g in self._groups:
-                for b, slot in zip(g.buffers, g.buffer_slots):
-                    slot.copy_(b)
-                if self.buffer_policy == "broadcast" and me != 0 and g.buffers:
-                    g.flat[g.param_numel : g.data_numel].zero_()  # rank 0's buffers survive the sum unscaled
-            in_collective = world > 1 and self.buffer_policy != "broadcast" and dist.average_in_collective(group)
-            self._check_words_averaged = in_collective
+            in_collective = self._stage_buffers(group)
             for g in self._launch_order:
                 last = len(g.buckets) - 1  # it alone holds the check words (see _bucket_bounds)
                 for i, (view, data) in enumerate(zip(g.bucket_views, g.bucket_data)):
@@ -494,6 +481,20 @@ class LocalSGD:
                     handles.append(dist.all_reduce_sum_async(view, group=group, average=in_collective))
         local_bad = loss_bad if loss_bad >= 0 else (self.local_step if bad else -1)
         return (group, handles, in_collective, self._launch_order), local_bad
+
+    def _stage_buffers(self, group: Any) -> bool:
+        """Copy the float buffers into their slots of the flat buffers (under ``broadcast`` only rank
+        0's survive the sum unscaled: the others send zeros there); return whether the collective
+        averages (else it sums and :meth:`_finish_average` divides)."""
+        world, me, _ = self._size_rank(group)
+        for g in self._groups:
+            for b, slot in zip(g.buffers, g.buffer_slots):
+                slot.copy_(b)
+            if self.buffer_policy == "broadcast" and me != 0 and g.buffers:
+                g.flat[g.param_numel : g.data_numel].zero_()
+        in_collective = world > 1 and self.buffer_policy != "broadcast" and dist.average_in_collective(group)
+        self._check_words_averaged = in_collective
+        return in_collective
 
     def _finish_average(self, pending: _Pending, scale: bool = True) -> None:
         group, handles, in_collective, order = pending

@@ -69,7 +69,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     validation = None  # a held-out shard per worker for plugins that tune on validation data (STN)
     if plugin.validation_fraction > 0:
         validation = ValidationShard(x_train, y_train, plugin.validation_fraction, tc.batch_size, rank, world, tc.seed)
-        x_train, y_train = x_train[validation.train_index.to(device)], y_train[validation.train_index.to(device)]
+        keep = validation.train_index.to(device)
+        x_train, y_train = x_train[keep], y_train[keep]
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
     step_model: nn.Module = model
     ddp_comm = None

@@ -134,4 +134,3 @@ class OptimizerPlugin(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
-

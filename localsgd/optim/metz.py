@@ -14,7 +14,7 @@ supervised phase's lr 0.05 with momentum 0.9.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,12 @@ from .torch_optim import LRScheduleFields, supervised_step
 
 
 @dataclass
-class MetzUnsupervisedConfig:
+class MetzUnsupervisedConfig(LRScheduleFields):
     """``optimizer=metz_unsupervised``: ``pretrain_steps`` of the frozen rule, then SGD with labels.
 
-    The LR schedule fields (``lr``, warm-up, decay, as for ``optimizer=sgd``) and ``momentum`` apply to the
-    supervised phase, whose schedule starts at step ``pretrain_steps``; the rule's steps use ``rule_lr``
-    (batch-ramp LR coupling does not apply to them).
+    The LR schedule fields (``lr``, warm-up, decay, inherited from ``optimizer=sgd``'s) and ``momentum``
+    apply to the supervised phase, whose schedule starts at step ``pretrain_steps``; the rule's steps use
+    ``rule_lr`` (batch-ramp LR coupling does not apply to them).
     """
 
     name: str = "metz_unsupervised"
@@ -46,14 +46,9 @@ class MetzUnsupervisedConfig:
     momentum: float = 0.9
     init_seed: int = 0  # the Metz re-initialisation of the hidden layers; identical on every rank
     lr: float = 0.05
-    warmup_steps: int = 0
-    lr_decay: str = "none"  # none | cosine | step | poly
-    decay_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    decay_factor: float = 0.1
-    decay_power: float = 0.75  # poly: lr·k^(−decay_power), as for optimizer=sgd
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
-        yield from LRScheduleFields._lr_problems(self)  # type: ignore[arg-type]  # the same field names
+        yield from self._lr_problems()
         if self.pretrain_steps < 0:
             yield "pretrain_steps", self.pretrain_steps, "must be >= 0"
         if not 0 < self.rule_lr < 1:
