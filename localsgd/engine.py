@@ -191,7 +191,7 @@ class LocalSGD:
         self.local_step = 0  # optimizer steps completed on this rank
         self.last_sync_step = 0
         self.last_global_sync_step = 0  # replicas are identical everywhere only after a global sync
-        self._group_info: dict[Any, tuple[int, int, bool]] = {}
+        self._group_info: dict[Any, tuple[int, int]] = {}
         self._subgroup = self._make_subgroup()
         self.stop_requested = False  # set locally (e.g. on SIGTERM); all-reduced at the next sync
         self.stop_agreed = False  # True once any rank asked to stop, known at a sync
@@ -396,7 +396,7 @@ class LocalSGD:
 
     def _start_fingerprint(self, nonfinite_step: int, next_h: int, group: Any = None) -> tuple[torch.Tensor, Any]:
         """Start the one MAX all-reduce that checks agreement, gathers NaN flags and the stop flag."""
-        world, me, _ = self._size_rank(group)
+        world, me = self._size_rank(group)
         v = [self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h]
         device = self._groups[0].flat.device if self._groups else torch.device("cpu")
         nonfinite, hashes = [0] * world, [0] * world
@@ -486,7 +486,7 @@ class LocalSGD:
         """Copy the float buffers into their slots of the flat buffers (under ``broadcast`` only rank
         0's survive the sum unscaled: the others send zeros there); return whether the collective
         averages (else it sums and :meth:`_finish_average` divides)."""
-        world, me, _ = self._size_rank(group)
+        world, me = self._size_rank(group)
         for g in self._groups:
             for b, slot in zip(g.buffers, g.buffer_slots):
                 slot.copy_(b)
@@ -519,13 +519,13 @@ class LocalSGD:
                 for b, slot in zip(g.buffers, g.buffer_slots):
                     b.copy_(slot)
 
-    def _size_rank(self, group: Any) -> tuple[int, int, bool]:
-        """(size, this rank's index, NCCL?) of ``group``, looked up once: the sync path runs every round."""
+    def _size_rank(self, group: Any) -> tuple[int, int]:
+        """(size, this rank's index) of ``group``, looked up once: the sync path runs every round."""
         info = self._group_info.get(group)
         if info is None:
             if not dist.is_initialized():  # no group yet (world size 1): nothing to remember
-                return 1, 0, False
-            info = self._group_info[group] = (dist.group_size(group), dist.group_rank(group), dist.backend() == "nccl")
+                return 1, 0
+            info = self._group_info[group] = (dist.group_size(group), dist.group_rank(group))
         return info
 
     # ------------------------------------------------------------------ the fused check
@@ -534,7 +534,7 @@ class LocalSGD:
         and the stop flag into the tail of the check group's buffer, which the average then carries."""
         tail = self._check_tail
         assert tail is not None
-        world, me, _ = self._size_rank(group)
+        world, me = self._size_rank(group)
         v = (self.local_step, self.schedule.sync_round, self.elements, self.config_hash, next_h,
              *(int(b) for b in self._int_buffer_list))
         packed = struct.pack(f"<{len(v)}q", *v)
