@@ -1,12 +1,16 @@
 """A tiny name -> component registry (the torchtitan pattern): configs select components by name.
 
-Each registry maps the name used in ``configs/<group>/<name>.yaml`` to a builder and the typed config
-dataclass that the builder accepts, so Hydra's ConfigStore and the builders cannot drift apart.
+Each registry maps the name used in ``configs/<group>/<name>.yaml`` to the typed config dataclass of
+that component. A component builds itself from its config (torchtitan's ``Configurable``: the config
+dataclass has a ``build(...)`` method), so adding one touches its own file, its YAML and its test,
+and Hydra's ConfigStore and the builders cannot drift apart: :meth:`Registry.add` registers a config
+class under the default of its ``name`` field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +40,17 @@ class Registry(Generic[T]):
 
         return deco
 
+    def add(self, config_cls: type) -> type:
+        """Register a config dataclass that builds its component (``cfg.build(...)``); usable as a
+        class decorator. The registered name is the default of its ``name`` field."""
+        name = next(f.default for f in dataclasses.fields(config_cls) if f.name == "name")
+        if not callable(getattr(config_cls, "build", None)):
+            raise TypeError(f"{self.kind} config {config_cls.__name__} has no build() method")
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = Entry(name, config_cls, _build_from_config)
+        return config_cls
+
     def get(self, name: str) -> Entry[T]:
         try:
             return self._entries[name]
@@ -50,3 +65,7 @@ class Registry(Generic[T]):
 
     def entries(self) -> list[Entry[T]]:
         return [self._entries[n] for n in self.names()]
+
+
+def _build_from_config(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+    return cfg.build(*args, **kwargs)
