@@ -10,12 +10,13 @@ class LocalSGDError(RuntimeError):
 class NonFiniteError(LocalSGDError):
     """A rank produced NaN/Inf; nothing was averaged or checkpointed at or after that step."""
 
-    def __init__(self, bad: dict[int, int], sync_step: int) -> None:
+    def __init__(self, bad: dict[int, int], sync_step: int, where: str = "the sync") -> None:
         self.bad = dict(sorted(bad.items()))  # rank -> first non-finite step
-        where = ", ".join(f"rank {r} at step {s}" for r, s in self.bad.items())
+        ranks = ", ".join(f"rank {r} at step {s}" for r, s in self.bad.items())
         super().__init__(
-            f"non-finite loss or parameters on {where} (detected at the sync after step {sync_step}); "
-            "no rank averaged and no checkpoint was written at or after that step. Lower the learning "
+            f"non-finite loss, parameters, buffers or averaged optimizer state on {ranks} (detected at "
+            f"{where} after step {sync_step}); no rank averaged, every replica is as it was before that "
+            "sync, and no checkpoint was written at or after that step. Lower the learning "
             "rate, or set sync.on_nonfinite=skip_round to roll back to the last sync and go on."
         )
 

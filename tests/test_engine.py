@@ -95,14 +95,14 @@ def test_parameters_live_in_flat_buckets_and_layout_survives_a_move() -> None:
     n_params = sum(p.numel() for p in m.parameters())
     n_buffers = sum(b.numel() for b in m.buffers() if b.is_floating_point())
     assert sync.elements == n_params + n_buffers
-    assert len(sync._groups[0].buckets) == -(-sync.elements // 50)
-    flat = sync._groups[0].flat
+    assert len(sync.layout.buffers[0].buckets) == -(-sync.elements // 50)
+    flat = sync.layout.buffers[0].flat
     for p in m.parameters():
         assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     m.double()  # re-materialises every parameter: the engine must notice and rebuild its layout
     sync.step()
-    assert sync._groups[0].flat.dtype == torch.float64
+    assert sync.layout.buffers[0].flat.dtype == torch.float64
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k].to(v.dtype)), k
 
@@ -168,7 +168,7 @@ def test_check_words_always_ride_in_the_last_bucket(floats_per_bucket: int) -> N
     buffer into equal buckets would split the words at caps 1, 7 and 112-119."""
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6))  # 56 + 54 = 110 parameters
     sync = localsgd.LocalSGD(model, None, schedule=Fixed(1), bucket_cap_mb=floats_per_bucket * 4 / 2**20)
-    g = sync._groups[0]
+    g = sync.layout.buffers[0]
     assert g.check_numel == 10 and g.data_numel == 110
     starts, ends = [s for s, _ in g.buckets], [e for _, e in g.buckets]
     assert starts[0] == 0 and ends[-1] == g.flat.numel() and starts[1:] == ends[:-1]  # contiguous cover
@@ -185,9 +185,9 @@ def test_layout_is_not_rebuilt_when_the_check_group_is_not_launched_last() -> No
     model.a = nn.BatchNorm1d(4).double()
     model.b = nn.BatchNorm1d(4)
     sync = localsgd.LocalSGD(model, None, schedule=Fixed(2))
-    groups = sync._groups
+    groups, version = sync.layout.buffers, sync.layout.version
     assert [g.flat.dtype for g in groups] == [torch.float64, torch.float32] and groups[0].check_numel
     for _ in range(4):
         sync.step()
     sync.finalize()  # in sync: only the layout check runs
-    assert sync._groups is groups and sync._layout_agreed
+    assert sync.layout.version == version and sync.fused_check_active

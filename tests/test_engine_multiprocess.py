@@ -191,9 +191,9 @@ def _words_at_a_bucket_edge(rank: int, world: int) -> tuple[int, int, bool]:
         with torch.no_grad():
             model[0].weight.add_(torch.randn(model[0].weight.shape, generator=gen))
         sync.step(loss=torch.tensor(1.0 + rank))
-    tail = sync._check_tail.numel() * 4
+    tail = sync.layout.check_tail.numel() * 4
     full_check = 8 * (2 * 5 + 3 * world + 1 + 1)
-    return sync.stats.check_bytes, full_check + 39 * tail, len(sync._groups[0].buckets) == 2
+    return sync.stats.check_bytes, full_check + 39 * tail, len(sync.layout.buffers[0].buckets) == 2
 
 
 def test_fused_check_words_never_share_a_bucket_in_flight() -> None:
@@ -201,31 +201,150 @@ def test_fused_check_words_never_share_a_bucket_in_flight() -> None:
         assert two_buckets and got == want  # no round fell back to the full check
 
 
-def _nan_in_a_late_bucket(rank: int, world: int) -> tuple[str, bool, int]:
+def _nan_in_a_late_bucket(rank: int, world: int) -> tuple[str, bool, int, bool]:
     """Fused check over several buckets (each scanned right before it leaves): a NaN that sits in the
-    last parameter bucket of rank 1 is named, and no NaN reaches the sum on any rank."""
+    last parameter bucket of rank 1 is named, no NaN reaches any sum on any rank (every bucket is
+    inspected the moment it arrives), and the failed sync leaves each replica as it was."""
+    from localsgd import dist
     from localsgd.errors import NonFiniteError
 
     model = _bn_model()
     sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), bucket_cap_mb=40 * 4 / 2**20)  # 40 floats each
-    n_buckets = len(sync._groups[0].buckets)
-    for step in range(1, 9):
-        if rank == 1 and step == 6:
-            with torch.no_grad():
-                model[3].bias[2] = float("nan")  # the last parameter: the last bucket before the buffers
-        try:
-            sync.step(loss=torch.tensor(1.0))
-        except NonFiniteError as exc:
-            summed = sync._groups[0].flat[: sync._groups[0].data_numel]
-            return str(exc), bool(torch.isfinite(summed).all()), n_buckets
-    return "no error", True, n_buckets
+    n_buckets = len(sync.layout.buffers[0].buckets)
+    in_flight: dict[int, torch.Tensor] = {}
+    sums_finite = []
+    start, wait = dist.all_reduce_sum_async, dist.wait
+
+    def recording_start(tensor, group=None, average=False):  # type: ignore[no-untyped-def]
+        handle = start(tensor, group=group, average=average)
+        in_flight[id(handle)] = tensor
+        return handle
+
+    def recording_wait(handle, what="all-reduce"):  # type: ignore[no-untyped-def]
+        wait(handle, what)
+        if id(handle) in in_flight:
+            sums_finite.append(bool(torch.isfinite(in_flight.pop(id(handle))).all()))
+
+    dist.all_reduce_sum_async, dist.wait = recording_start, recording_wait
+    try:
+        for step in range(1, 9):
+            if rank == 1 and step == 6:
+                with torch.no_grad():
+                    model[3].bias[2] = float("nan")  # the last parameter: the last bucket before the buffers
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            try:
+                sync.step(loss=torch.tensor(1.0))
+            except NonFiniteError as exc:
+                after = model.state_dict()
+                untouched = all(torch.equal(v, before[k]) or (torch.isnan(v) == torch.isnan(before[k])).all()
+                                and torch.equal(v.nan_to_num(), before[k].nan_to_num()) for k, v in after.items())
+                return str(exc), all(sums_finite) and len(sums_finite) > n_buckets, n_buckets, untouched
+    finally:
+        dist.all_reduce_sum_async, dist.wait = start, wait
+    return "no error", True, n_buckets, False
 
 
 def test_fused_check_scans_every_bucket_before_it_leaves() -> None:
-    for msg, sum_finite, n_buckets in run_ok(_nan_in_a_late_bucket, 2, timeout_s=60):
+    for msg, sums_finite, n_buckets, untouched in run_ok(_nan_in_a_late_bucket, 2, timeout_s=60):
         assert n_buckets >= 4
         assert "rank 1 at step 8" in msg
-        assert sum_finite  # rank 1 sent zeros from the NaN's bucket on: the sum never saw it
+        assert sums_finite  # rank 1 sent zeros from the NaN's bucket on: no sum ever saw it
+        assert untouched  # and the discarded average was undone on both ranks
+
+
+def _failed_sync_leaves_replicas_untouched(rank: int, world: int, mode: str, policy: str,
+                                           cause: str) -> dict[str, bool]:
+    """A sync that fails its check (a NaN in rank 1's parameters, or an inf in its averaged Adam
+    state): afterwards every rank's parameters, buffers and optimizer state are exactly what they
+    were right before that sync (``raise``), or those of the last good sync (``skip_round``)."""
+    from localsgd.errors import NonFiniteError
+
+    model = _bn_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(3), agreement_check=mode, on_nonfinite=policy,
+                             optimizer_state="average" if cause == "optimizer_state" else "keep")
+    gen = torch.Generator().manual_seed(100 + rank)
+
+    def local_step() -> torch.Tensor:
+        x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def snapshot() -> tuple[dict, dict]:
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                {k: v.clone() if isinstance(v, torch.Tensor) else v
+                 for p, st in opt.state.items() for k, v in ((f"{id(p)}.{n}", x) for n, x in st.items())})
+
+    def same(a: tuple[dict, dict], b: tuple[dict, dict]) -> bool:
+        return all(a[i].keys() == b[i].keys() and all(
+            torch.equal(torch.nan_to_num(torch.as_tensor(a[i][k]), posinf=7.0),
+                        torch.nan_to_num(torch.as_tensor(b[i][k]), posinf=7.0)) for k in a[i]) for i in (0, 1))
+
+    for _ in range(6):  # two good rounds (the second one fused, where fused is on)
+        loss = local_step()
+        sync.step(loss=loss)
+    last_good = snapshot()
+    for _ in range(2):
+        sync.step(loss=local_step())
+    loss = local_step()
+    if rank == 1:
+        with torch.no_grad():
+            if cause == "parameters":
+                model[0].weight[1, 2] = float("nan")
+            else:
+                next(iter(opt.state.values()))["exp_avg_sq"][0] = float("inf")
+    before = snapshot()
+    raised = False
+    try:
+        sync.step(loss=loss)
+    except NonFiniteError:
+        raised = True
+    after = snapshot()
+    return {"raised": raised, "as_before": same(after, before), "as_last_good": same(after, last_good)}
+
+
+_FAILURE_CASES = [(mode, policy, cause) for mode in ("fused", "before", "overlapped")
+                  for policy in ("raise", "skip_round") for cause in ("parameters", "optimizer_state")]
+
+
+def _every_failed_sync(rank: int, world: int) -> list[dict[str, bool]]:
+    return [_failed_sync_leaves_replicas_untouched(rank, world, *case) for case in _FAILURE_CASES]
+
+
+def test_a_failed_sync_leaves_every_replica_as_it_was() -> None:
+    """All three check modes x raise/skip_round x a NaN parameter or an inf Adam moment (one spawn)."""
+    for rank, outs in enumerate(run_ok(_every_failed_sync, 2, timeout_s=180)):
+        for (mode, policy, cause), out in zip(_FAILURE_CASES, outs):
+            if policy == "raise":
+                assert out["raised"] and out["as_before"], (rank, mode, policy, cause, out)
+            else:
+                assert not out["raised"] and out["as_last_good"], (rank, mode, policy, cause, out)
+
+
+def _evaluation_average_with_a_nan(rank: int, world: int) -> str:
+    model = _bn_model()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(100))
+    with torch.no_grad():
+        model[0].weight.add_(float(rank))
+    sync.step()
+    if rank == 1:
+        with torch.no_grad():
+            model[3].weight[0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with sync.averaged():
+            return "evaluated"
+    except localsgd.errors.NonFiniteError as exc:
+        unchanged = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return f"{exc} unchanged={unchanged}"
+
+
+def test_averaged_evaluation_checks_finiteness_first() -> None:
+    for msg in run_ok(_evaluation_average_with_a_nan, 2, timeout_s=60):
+        assert "rank 1 at step 1" in msg and "evaluation average" in msg and msg.endswith("unchanged=True")
 
 
 def _mismatched_schedules(rank: int, world: int, mode: str = "before") -> str:
@@ -456,7 +575,7 @@ def _hierarchical_fused(rank: int, world: int) -> dict:
             p.add_(float(rank))
     for _ in range(8):
         sync.step(loss=torch.tensor(0.5 + rank))
-    tail = sync._check_tail.numel() * 4
+    tail = sync.layout.check_tail.numel() * 4
     return {"check_bytes": sync.stats.check_bytes, "tail": tail, "loss": sync.last_round_loss,
             "bias": float(model[0].bias[0].detach() - _bn_model()[0].bias[0].detach())}
 
