@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -321,3 +322,12 @@ def test_build_accepts_omegaconf_nodes() -> None:
 
     node = OmegaConf.structured(data.DigitsConfig(seed=3))
     assert _equal(data.build(node), data.build(data.DigitsConfig(seed=3)))
+
+
+def test_each_config_builds_its_own_dataset_through_the_registry() -> None:
+    from omegaconf import OmegaConf
+
+    cfg = data.SyntheticLogRegConfig(n_samples=200, n_features=10, seed=4)
+    direct = cfg.build()
+    assert _equal(direct, data.DATASETS.build(cfg))
+    assert _equal(direct, data.build(OmegaConf.create(dataclasses.asdict(cfg))))  # an untyped node too

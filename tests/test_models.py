@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,6 +165,23 @@ def test_build_accepts_omegaconf_nodes() -> None:
     node = OmegaConf.structured(models.MLPConfig(hidden=[8, 4]))
     m = models.build(node, (6,), 3)
     assert [x.out_features for x in m.modules() if isinstance(x, nn.Linear)] == [8, 4, 3]
+
+
+def test_each_config_builds_its_own_model_through_the_registry() -> None:
+    from omegaconf import OmegaConf
+
+    shapes = {"logreg": (12,), "mlp": (12,), "cnn1d": (1, 12), "resnet20": (3, 8, 8)}
+    for entry in models.MODELS.entries():
+        cfg = entry.config_cls()
+        torch.manual_seed(0)
+        direct = cfg.build(shapes[entry.name], 3)
+        torch.manual_seed(0)
+        via_registry = models.MODELS.build(cfg, shapes[entry.name], 3)
+        torch.manual_seed(0)
+        via_plain_node = models.build(OmegaConf.create(dataclasses.asdict(cfg)), shapes[entry.name], 3)
+        for other in (via_registry, via_plain_node):
+            assert type(other) is type(direct)
+            assert all(torch.equal(p, q) for p, q in zip(direct.state_dict().values(), other.state_dict().values()))
 
 
 def test_logreg_and_mlp_learn_breast_cancer_and_digits() -> None:

@@ -227,3 +227,113 @@ def test_engine_state_saved_mid_round_keeps_the_outer_round_start() -> None:
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     assert sync.state_dict()["outer_round_start"] is None  # right after a sync x_t is the parameters
+
+
+# ------------------------------------------------------------------ in place: exact, and no temporary
+
+
+def _diloco_reference(x_t: torch.Tensor, x_bar: torch.Tensor, v: torch.Tensor, lr: float, mu: float) -> torch.Tensor:
+    """DiLoCo's outer Nesterov step (arXiv 2311.08105) as torch.optim.SGD(nesterov=True) on Δ, with a temporary."""
+    delta = torch.sub(x_t, x_bar)  # Δ = x_t − x̄
+    v.mul_(mu).add_(delta)  # v ← μ v + Δ
+    delta.add_(v, alpha=mu)  # Δ + μ v
+    return x_t.clone().add_(delta, alpha=-lr)  # x_{t+1} = x_t − lr (Δ + μ v)
+
+
+def _slowmo_reference(x_t: torch.Tensor, x_bar: torch.Tensor, u: torch.Tensor, alpha: float, beta: float,
+                      gamma: float) -> torch.Tensor:
+    """SlowMo (Wang et al., arXiv 1910.00643, Alg. 1): u ← β u + (x_t − x̄)/γ, x_{t+1} = x_t − α γ u."""
+    u.mul_(beta).add_(torch.sub(x_t, x_bar), alpha=1.0 / gamma)
+    return x_t.clone().add_(u, alpha=-alpha * gamma)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("chunk_numel", [1 << 22, 1000, 37], ids=["whole", "chunks1000", "chunks37"])
+@pytest.mark.parametrize("kind", ["nesterov", "slowmo"])
+def test_in_place_step_is_bit_identical_to_the_reference_formulas(kind: str, chunk_numel: int,
+                                                                   dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(11)
+    sizes = (70_001, 5, 1)
+    opt = (NesterovOuter(0.7, 0.9, chunk_numel=chunk_numel) if kind == "nesterov"
+           else SlowMoOuter(0.8, 0.6, chunk_numel=chunk_numel))
+    x = [torch.randn(n, generator=gen, dtype=dtype) for n in sizes]
+    momentum = [torch.zeros(n, dtype=dtype) for n in sizes]
+    for r in range(4):
+        x_bar = [t + 0.1 * torch.randn(t.shape, generator=gen, dtype=dtype) for t in x]
+        gamma = 0.1 / (r + 1)
+        if kind == "nesterov":
+            want = [_diloco_reference(a, b, m, 0.7, 0.9) for a, b, m in zip(x, x_bar, momentum)]
+        else:
+            want = [_slowmo_reference(a, b, m, 0.8, 0.6, gamma) for a, b, m in zip(x, x_bar, momentum)]
+        opt.step(x, x_bar, gamma)
+        for got, w in zip(x_bar, want):
+            assert torch.equal(got, w), r
+        for got, m in zip(opt.state_dict()["momentum_buffers"], momentum):
+            assert torch.equal(got, m), r
+        x = x_bar
+
+
+def _peak_cpu_bytes_allocated(fn) -> int:
+    """The highest running total of CPU memory allocated (and not yet freed) while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    running = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("make", [lambda: NesterovOuter(0.7, 0.9), lambda: SlowMoOuter(0.8, 0.6)],
+                         ids=["nesterov", "slowmo"])
+def test_outer_step_allocates_no_full_size_temporary(make) -> None:
+    n = 1 << 18
+    x_t = torch.randn(n)
+    x_bar = x_t + 0.01
+    opt = make()
+    opt.step([x_t.clone()], [x_bar.clone()], 0.1)  # the first step creates the momentum buffer (state)
+    args = ([x_t], [x_bar], 0.1)
+    assert _peak_cpu_bytes_allocated(lambda: torch.sub(x_t, x_bar)) >= x_t.nbytes  # the probe sees a temporary
+    peak = _peak_cpu_bytes_allocated(lambda: opt.step(*args))
+    assert peak < x_t.nbytes // 16, f"the outer step allocated {peak} bytes for a {x_t.nbytes}-byte buffer"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("make", [lambda c: NesterovOuter(0.7, 0.9, chunk_numel=c),
+                                  lambda c: SlowMoOuter(0.8, 0.6, chunk_numel=c)], ids=["nesterov", "slowmo"])
+def test_round_start_on_the_host_is_staged_in_chunks(make) -> None:
+    n, chunk = 1 << 22, 1 << 16
+    gen = torch.Generator().manual_seed(2)
+    x_host = torch.randn(n, generator=gen)
+    x_bar = (x_host + 0.01 * torch.randn(n, generator=gen)).cuda()
+    x_device = x_host.cuda()
+    on_device, on_host = make(chunk), make(chunk)
+    for measured in (False, True):  # the first step also creates the momentum buffers
+        want, got = x_bar.clone(), x_bar.clone()
+        on_device.step([x_device], [want], 0.1)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        on_host.step([x_host], [got], 0.1)
+        torch.cuda.synchronize()
+        if measured:  # one staging buffer of `chunk` elements, never a full-size copy of x_t
+            assert torch.cuda.max_memory_allocated() - before < x_host.nbytes // 8
+        assert x_host.device.type == "cpu" and torch.equal(got, want)
+
+
+def test_non_contiguous_buffers_are_rejected() -> None:
+    wide = torch.zeros(4, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        NesterovOuter().step([wide[:, 0]], [torch.zeros(4)], 0.1)
+
+
+def test_each_config_builds_its_own_optimizer_through_the_registry() -> None:
+    from omegaconf import OmegaConf
+
+    for entry in OUTER.entries():
+        cfg = entry.config_cls()
+        assert type(cfg.build()) is type(OUTER.build(cfg)) and cfg.build().name == entry.name
+    node = build(OmegaConf.structured(SlowMoConfig(alpha=2.0, beta=0.25)))
+    assert isinstance(node, SlowMoOuter) and (node.alpha, node.beta) == (2.0, 0.25)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from localsgd.ramps import (
     StepRampConfig,
     build,
     coupled_lr,
+    mccandlish_lr_multiplier,
     two_batch_estimates,
 )
 
@@ -376,3 +378,145 @@ def test_noise_scale_ramp_ignores_its_first_estimates() -> None:
     again.load_state_dict(ramp.state_dict())
     again.observe_noise_scale(2000.0, step=12)
     assert again.batch_size(13) == 64
+
+
+# ------------------------------------------------------------------------------- capabilities, lr_scale
+
+EVERY_RAMP = [*DETERMINISTIC, NoiseScaleRampConfig(b_max=512, lr_coupling="linear", warmup_measurements=0)]
+
+
+def test_each_config_builds_its_own_ramp_through_the_registry() -> None:
+    for entry in RAMPS.entries():
+        cfg = entry.config_cls()
+        direct = cfg.build(32, T, world_size=4)
+        via_registry = RAMPS.build(cfg, 32, T, world_size=4)
+        assert type(direct) is type(via_registry) and direct.describe() == via_registry.describe()
+
+
+def test_build_accepts_omegaconf_nodes() -> None:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(StepRampConfig(milestones=[0.5], factor=4.0, b_max=100))
+    ramp = build(node, 16, T)
+    assert [ramp.batch_size(s) for s in (499, 500)] == [16, 64]
+    plain = build(OmegaConf.create({"name": "noise_scale", "b_max": 64, "lr_coupling": "capped_linear"}), 16, T, 2)
+    assert isinstance(plain, NoiseScaleRamp) and plain.lr_coupling == "capped_linear"
+
+
+def test_capabilities_replace_ramp_names() -> None:
+    ramps = {entry.name: build(entry.config_cls(), 32, T, world_size=4) for entry in RAMPS.entries()}
+    assert [n for n, r in ramps.items() if not r.couples_lr] == ["smith"]
+    assert [n for n, r in ramps.items() if r.constant] == ["none"]
+    assert [n for n, r in ramps.items() if r.observes_noise_scale] == ["noise_scale"]
+
+
+def _feed(ramp: BatchRamp, estimates: list[float]) -> None:
+    for i, b_simple in enumerate(estimates):
+        ramp.observe_noise_scale(b_simple, step=10 * i)
+
+
+@pytest.mark.parametrize("cfg", EVERY_RAMP, ids=_ids(EVERY_RAMP))
+def test_lr_scale_is_the_trainers_former_formula(cfg) -> None:
+    """``lr_factor(step) · (b/b₀ if coupling and not smith else 1)``, bit for bit, for every ramp but
+    ``noise_scale``'s new default coupling (``lr_coupling=linear`` is the former behaviour)."""
+    base = 32
+    ramp = build(cfg, base, T, world_size=4)
+    _feed(ramp, [4 * 40.0, 4 * 100.0, 4 * 300.0])  # only the noise-scale ramp reacts
+    for step in range(0, T, 5):
+        for batch in (ramp.batch_size(step), base, 3 * base + 1, 100 * base):
+            for coupling in (True, False):
+                former = ramp.lr_factor(step) * (batch / base if coupling and cfg.name != "smith" else 1.0)
+                assert ramp.lr_scale(step, batch, base, coupling) == former, (step, batch, coupling)
+
+
+def test_smith_lr_scale_ignores_coupling_after_the_switch() -> None:
+    ramp = build(SmithRampConfig(milestones=[0.3, 0.6, 0.8], decay_factor=0.2, b_max=5000), 128, T)
+    assert ramp.lr_scale(900, ramp.batch_size(900), 128, coupling=True) == ramp.lr_factor(900) < 1.0
+
+
+def _mccandlish(b_noise: float, k: int, b: int, b0: int) -> float:
+    """McCandlish et al. eq. 2.6 relative to the base batch, global batches K·b and K·b₀."""
+    return (1 + b_noise / (k * b0)) / (1 + b_noise / (k * b))
+
+
+def test_noise_scale_default_coupling_is_mccandlish_eq_2_6() -> None:
+    k, b0 = 4, 16
+    assert NoiseScaleRampConfig().lr_coupling == "mccandlish"
+    ramp = build(NoiseScaleRampConfig(b_max=4096, warmup_measurements=0), b0, T, world_size=k)
+    assert ramp.lr_scale(0, b0, b0, coupling=True) == 1.0  # no estimate yet
+    assert ramp.lr_scale(0, 64, b0, coupling=True) == 1.0  # ... whatever the batch: B_noise is unknown
+    for b_simple in (300.0, 2000.0, 9000.0):
+        ramp.observe_noise_scale(b_simple, step=0)
+        for b in (b0, 17, 64, ramp.batch_size(1), 4096):
+            assert ramp.lr_scale(1, b, b0, coupling=True) == _mccandlish(b_simple, k, b, b0)
+        assert ramp.lr_scale(1, 64, b0, coupling=False) == 1.0
+    ramp.observe_noise_scale(math.nan, step=5)  # an unusable estimate keeps the last usable noise scale
+    assert ramp.lr_scale(6, 64, b0, coupling=True) == _mccandlish(9000.0, k, 64, b0)
+
+
+def test_mccandlish_multiplier_never_exceeds_eps_max_over_eps_b0() -> None:
+    gen = torch.Generator().manual_seed(7)
+    k, b0 = 8, 32
+    for _ in range(300):
+        b_noise = float(10 ** (torch.rand(1, generator=gen) * 7 - 1))  # 0.1 .. 1e6 samples
+        ramp = build(NoiseScaleRampConfig(b_max=10**6, warmup_measurements=0), b0, T, world_size=k)
+        ramp.observe_noise_scale(b_noise, step=0)
+        bound = 1 + b_noise / (k * b0)  # ε_max / ε_opt(b₀)
+        previous = 1.0
+        for b in (b0, 2 * b0, 128 * b0, 10**6, 10**12):
+            m = ramp.lr_scale(1, b, b0, coupling=True)
+            assert previous <= m <= bound and m <= b / b0
+            previous = m
+
+
+def test_noise_scale_ramp_no_longer_scales_the_lr_with_a_128x_batch() -> None:
+    """The reported run: the batch ramped 128x and linear coupling took the LR 0.05 to 6.4 (momentum 0.9).
+
+    Early estimates far above the settled noise scale grow the batch, which never shrinks; once B_noise
+    settles at 2·K·b₀ the LR multiplier is McCandlish's, below its bound 1 + 2 = 3, not 128.
+    """
+    k, b0, base_lr = 4, 16, 0.05
+    cfg = NoiseScaleRampConfig(b_max=128 * b0, warmup_measurements=0)
+    ramp = build(cfg, b0, T, world_size=k)
+    linear = build(dataclasses.replace(cfg, lr_coupling="linear"), b0, T, world_size=k)
+    estimates = [1e6] * 7 + [float(k * 2 * b0)] * 5  # x2 per measurement: 16 -> 2048 in 7 measurements
+    _feed(ramp, estimates)
+    _feed(linear, estimates)
+    batch = ramp.batch_size(200)
+    assert batch == linear.batch_size(200) == 128 * b0
+    assert base_lr * linear.lr_scale(200, batch, b0, coupling=True) == pytest.approx(6.4)
+    lr = base_lr * ramp.lr_scale(200, batch, b0, coupling=True)
+    assert lr == base_lr * _mccandlish(k * 2.0 * b0, k, batch, b0) and lr < 3 * base_lr
+
+
+def test_capped_linear_coupling() -> None:
+    ramp = build(NoiseScaleRampConfig(lr_coupling="capped_linear", max_lr_scale=6.0), 16, T, world_size=2)
+    assert [ramp.lr_scale(0, b, 16, coupling=True) for b in (16, 48, 96, 97, 4096)] == [1.0, 3.0, 6.0, 6.0, 6.0]
+    assert ramp.lr_scale(0, 4096, 16, coupling=False) == 1.0
+
+
+def test_noise_scale_lr_coupling_survives_a_checkpoint() -> None:
+    cfg = NoiseScaleRampConfig(b_max=512, warmup_measurements=0)
+    ramp = build(cfg, 16, T, world_size=4)
+    _feed(ramp, [500.0, 800.0, math.nan])
+    restored = build(cfg, 16, T, world_size=4)
+    restored.load_state_dict(copy.deepcopy(ramp.state_dict()))
+    assert restored.lr_scale(40, 64, 16, True) == ramp.lr_scale(40, 64, 16, True) == _mccandlish(800.0, 4, 64, 16)
+
+
+@pytest.mark.parametrize("cfg, fields", [
+    (NoiseScaleRampConfig(lr_coupling="sqrt"), ["lr_coupling"]),
+    (NoiseScaleRampConfig(max_lr_scale=0.5), ["max_lr_scale"]),
+    (NoiseScaleRampConfig(max_lr_scale=math.inf), ["max_lr_scale"]),
+])
+def test_bad_lr_coupling_configs_are_named(cfg, fields: list[str]) -> None:
+    assert [p[0] for p in cfg.problems()] == fields
+    with pytest.raises(ValueError, match=fields[0]):
+        build(cfg, 16, T, world_size=2)
+
+
+def test_mccandlish_lr_multiplier_rejects_an_unusable_noise_scale() -> None:
+    assert mccandlish_lr_multiplier(100.0, 400, 100) == (1 + 100.0 / 100) / (1 + 100.0 / 400)
+    for bad in (math.nan, math.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match="noise scale"):
+            mccandlish_lr_multiplier(bad, 400, 100)

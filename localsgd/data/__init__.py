@@ -6,12 +6,15 @@
 * ``cifar10``: CIFAR-10 (Krizhevsky 2009) from the python batch files in a local directory.
 
 ``build(cfg)`` returns a :class:`Dataset` from one of the typed configs below (or an OmegaConf node
-with the same fields).
+with the same fields). Each config dataclass loads its dataset (``cfg.build()``) and registers itself in
+:data:`DATASETS`, so a new dataset touches only its own file, ``configs/data/<name>.yaml`` and its test.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from .base import DATASETS, Dataset
 from .cifar10 import CIFAR10Config
@@ -33,4 +36,6 @@ __all__ = [
 
 def build(cfg: Any) -> Dataset:
     """The dataset named by ``cfg.name``, built from ``cfg``."""
+    if isinstance(cfg, DictConfig):  # a Hydra node: its registered dataclass is what builds
+        cfg = DATASETS.get(cfg.name).config_cls(**OmegaConf.to_container(cfg, resolve=True))
     return DATASETS.build(cfg)

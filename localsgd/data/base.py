@@ -3,6 +3,7 @@
 All datasets used by localsgd (MNIST-1D, Greydanus 2020, arXiv 2011.14439; scikit-learn's digits and
 breast-cancer sets; synthetic logistic regression; CIFAR-10, Krizhevsky 2009) are small enough to
 hold as tensors, so a loader returns the whole train and test split at once and the trainer shards it.
+Each config dataclass registers itself with ``@DATASETS.add`` and loads its dataset in ``build()``.
 """
 
 from __future__ import annotations

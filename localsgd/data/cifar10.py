@@ -25,6 +25,7 @@ SUBDIR = "cifar-10-batches-py"
 NUM_CLASSES = 10
 
 
+@DATASETS.add
 @dataclass
 class CIFAR10Config:
     """``data=cifar10``: CIFAR-10 from the python batch files in ``root``; (3, 32, 32), 10 classes."""
@@ -42,6 +43,28 @@ class CIFAR10Config:
             yield "limit_train", self.limit_train, "must be >= 0 (0 = all)"
         if self.limit_test < 0:
             yield "limit_test", self.limit_test, "must be >= 0 (0 = all)"
+
+    def build(self) -> Dataset:
+        if not self.root or self.root == "???":
+            raise FileNotFoundError(
+                "data.root is not set: CIFAR-10 cannot be downloaded here; place its python batches "
+                f"(data_batch_1..5, test_batch, or the {SUBDIR}/ folder) in a directory and set data.root to it"
+            )
+        for key in ("limit_train", "limit_test"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key}={getattr(self, key)} must be >= 0 (0 = all)")
+        directory = resolve_root(self.root)
+        x_train, y_train = _read_split(directory, TRAIN_FILES, int(self.limit_train), self.root)
+        x_test, y_test = _read_split(directory, (TEST_FILE,), int(self.limit_test), self.root)
+        mean, std = channel_stats(x_train.reshape(len(x_train), 3, -1))
+        return Dataset(
+            name="cifar10",
+            x_train=_normalise(x_train, mean, std),
+            y_train=torch.from_numpy(y_train),
+            x_test=_normalise(x_test, mean, std),
+            y_test=torch.from_numpy(y_test),
+            num_classes=NUM_CLASSES,
+        )
 
 
 def resolve_root(root: str | Path) -> Path:
@@ -124,27 +147,3 @@ def _normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor
     t = torch.from_numpy(x).reshape(len(x), 3, 32, 32).to(torch.float32)
     shape = (1, 3, 1, 1)
     return t.sub_(torch.from_numpy(mean).float().view(shape)).div_(torch.from_numpy(std).float().view(shape))
-
-
-@DATASETS.register("cifar10", CIFAR10Config)
-def _build(cfg: CIFAR10Config) -> Dataset:
-    if not cfg.root or cfg.root == "???":
-        raise FileNotFoundError(
-            "data.root is not set: CIFAR-10 cannot be downloaded here; place its python batches "
-            f"(data_batch_1..5, test_batch, or the {SUBDIR}/ folder) in a directory and set data.root to it"
-        )
-    for key in ("limit_train", "limit_test"):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"data.{key}={getattr(cfg, key)} must be >= 0 (0 = all)")
-    directory = resolve_root(cfg.root)
-    x_train, y_train = _read_split(directory, TRAIN_FILES, int(cfg.limit_train), cfg.root)
-    x_test, y_test = _read_split(directory, (TEST_FILE,), int(cfg.limit_test), cfg.root)
-    mean, std = channel_stats(x_train.reshape(len(x_train), 3, -1))
-    return Dataset(
-        name="cifar10",
-        x_train=_normalise(x_train, mean, std),
-        y_train=torch.from_numpy(y_train),
-        x_test=_normalise(x_test, mean, std),
-        y_test=torch.from_numpy(y_test),
-        num_classes=NUM_CLASSES,
-    )

@@ -25,6 +25,7 @@ SEQ_LEN = 40  # mnist1d's default final_seq_length
 NUM_CLASSES = 10
 
 
+@DATASETS.add
 @dataclass
 class MNIST1DConfig:
     """``data=mnist1d``: the MNIST-1D generator with its default transforms, shape (1, 40), 10 classes."""
@@ -41,6 +42,20 @@ class MNIST1DConfig:
         if self.seed < 0 or self.seed >= 2**32:
             yield "seed", self.seed, "must be in [0, 2**32)"
         yield from check_fraction("train_split", self.train_split)
+
+    def build(self) -> Dataset:
+        x, y = load_arrays(self.num_samples, self.seed, self.cache_dir)
+        split = int(len(y) * self.train_split)  # the same split rule as mnist1d.data.make_dataset
+        xt = torch.from_numpy(x).unsqueeze(1)  # (N, 1, 40): one input channel for Conv1d
+        yt = torch.from_numpy(y)
+        return Dataset(
+            name="mnist1d",
+            x_train=xt[:split].clone(),
+            y_train=yt[:split].clone(),
+            x_test=xt[split:].clone(),
+            y_test=yt[split:].clone(),
+            num_classes=NUM_CLASSES,
+        )
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -129,19 +144,3 @@ def load_arrays(num_samples: int, seed: int, cache_dir: str | None = None) -> tu
     except OSError as e:
         warnings.warn(f"could not write MNIST-1D cache file {path} ({e}); continuing uncached", stacklevel=2)
     return x, y
-
-
-@DATASETS.register("mnist1d", MNIST1DConfig)
-def _build(cfg: MNIST1DConfig) -> Dataset:
-    x, y = load_arrays(cfg.num_samples, cfg.seed, cfg.cache_dir)
-    split = int(len(y) * cfg.train_split)  # the same split rule as mnist1d.data.make_dataset
-    xt = torch.from_numpy(x).unsqueeze(1)  # (N, 1, 40): one input channel for Conv1d
-    yt = torch.from_numpy(y)
-    return Dataset(
-        name="mnist1d",
-        x_train=xt[:split].clone(),
-        y_train=yt[:split].clone(),
-        x_test=xt[split:].clone(),
-        y_test=yt[split:].clone(),
-        num_classes=NUM_CLASSES,
-    )

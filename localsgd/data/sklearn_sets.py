@@ -20,6 +20,7 @@ import torch
 from .base import DATASETS, Dataset, Problems, check_fraction, split_indices
 
 
+@DATASETS.add
 @dataclass
 class DigitsConfig:
     """``data=digits``: scikit-learn's 8x8 digits, flattened to 64 features in [0, 1], 10 classes."""
@@ -31,7 +32,16 @@ class DigitsConfig:
     def problems(self) -> Problems:
         yield from check_fraction("test_fraction", self.test_fraction)
 
+    def build(self) -> Dataset:
+        from sklearn.datasets import load_digits
 
+        bunch = load_digits()
+        x = np.asarray(bunch.data, dtype=np.float64) / 16.0  # pixel intensities 0..16 -> [0, 1]
+        y = np.asarray(bunch.target)
+        return _to_dataset("digits", x, y, 10, self.seed, self.test_fraction, standardise=False)
+
+
+@DATASETS.add
 @dataclass
 class BreastCancerConfig:
     """``data=breast_cancer``: 30 standardised features (train statistics), 2 classes."""
@@ -42,6 +52,14 @@ class BreastCancerConfig:
 
     def problems(self) -> Problems:
         yield from check_fraction("test_fraction", self.test_fraction)
+
+    def build(self) -> Dataset:
+        from sklearn.datasets import load_breast_cancer
+
+        bunch = load_breast_cancer()
+        x = np.asarray(bunch.data, dtype=np.float64)
+        y = np.asarray(bunch.target)
+        return _to_dataset("breast_cancer", x, y, 2, self.seed, self.test_fraction, standardise=True)
 
 
 def _to_dataset(
@@ -68,23 +86,3 @@ def _to_dataset(
         y_test=torch.from_numpy(y[test].astype(np.int64)),
         num_classes=num_classes,
     )
-
-
-@DATASETS.register("digits", DigitsConfig)
-def _build_digits(cfg: DigitsConfig) -> Dataset:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = np.asarray(bunch.data, dtype=np.float64) / 16.0  # pixel intensities 0..16 -> [0, 1]
-    y = np.asarray(bunch.target)
-    return _to_dataset("digits", x, y, 10, cfg.seed, cfg.test_fraction, standardise=False)
-
-
-@DATASETS.register("breast_cancer", BreastCancerConfig)
-def _build_breast_cancer(cfg: BreastCancerConfig) -> Dataset:
-    from sklearn.datasets import load_breast_cancer
-
-    bunch = load_breast_cancer()
-    x = np.asarray(bunch.data, dtype=np.float64)
-    y = np.asarray(bunch.target)
-    return _to_dataset("breast_cancer", x, y, 2, cfg.seed, cfg.test_fraction, standardise=True)

@@ -21,6 +21,7 @@ from .base import DATASETS, Dataset, Problems, check_fraction
 FEATURE_KINDS = ("binary", "gaussian")
 
 
+@DATASETS.add
 @dataclass
 class SyntheticLogRegConfig:
     """``data=synthetic_logreg``: planted logistic-regression data, ``n_features`` inputs, 2 classes."""
@@ -54,6 +55,20 @@ class SyntheticLogRegConfig:
         if self.seed < 0:
             yield "seed", self.seed, "must be >= 0"
 
+    def build(self) -> Dataset:
+        x, y, _ = generate(self)
+        n_test = min(max(int(round(len(y) * self.test_fraction)), 1), len(y) - 1)
+        n_train = len(y) - n_test  # rows are i.i.d., so the first rows are as random a train set as any
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        return Dataset(
+            name="synthetic_logreg",
+            x_train=xt[:n_train].clone(),
+            y_train=yt[:n_train].clone(),
+            x_test=xt[n_train:].clone(),
+            y_test=yt[n_train:].clone(),
+            num_classes=2,
+        )
+
 
 def generate(cfg: SyntheticLogRegConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(x, y, w_star)``: float32 (n, d) inputs, int64 (n,) labels in {0, 1}, float64 (d,) weights."""
@@ -74,19 +89,3 @@ def generate(cfg: SyntheticLogRegConfig) -> tuple[np.ndarray, np.ndarray, np.nda
     flip = rng.random(n) < cfg.label_noise
     y[flip] = 1 - y[flip]
     return x, y, w_star
-
-
-@DATASETS.register("synthetic_logreg", SyntheticLogRegConfig)
-def _build(cfg: SyntheticLogRegConfig) -> Dataset:
-    x, y, _ = generate(cfg)
-    n_test = min(max(int(round(len(y) * cfg.test_fraction)), 1), len(y) - 1)
-    n_train = len(y) - n_test  # rows are i.i.d., so the first rows are as random a train set as any
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    return Dataset(
-        name="synthetic_logreg",
-        x_train=xt[:n_train].clone(),
-        y_train=yt[:n_train].clone(),
-        x_test=xt[n_train:].clone(),
-        y_test=yt[n_train:].clone(),
-        num_classes=2,
-    )

@@ -6,13 +6,16 @@
 * ``resnet20``: ResNet-20 for CIFAR (He et al., CVPR 2016, arXiv 1512.03385, Section 4.2).
 
 ``build(cfg, input_shape, num_classes)`` builds one from its typed config (or an OmegaConf node with
-the same fields); the caller seeds torch first, which makes the initialisation deterministic.
+the same fields); the caller seeds torch first, which makes the initialisation deterministic. Each
+config dataclass builds its model (``cfg.build(input_shape, num_classes)``) and registers itself in
+:data:`MODELS`, so a new model touches only its own file, ``configs/model/<name>.yaml`` and its test.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .base import MODELS
@@ -37,4 +40,6 @@ __all__ = [
 
 def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The model named by ``cfg.name`` for inputs ``(B, *input_shape)`` and ``num_classes`` logits."""
+    if isinstance(cfg, DictConfig):  # a Hydra node: its registered dataclass is what builds
+        cfg = MODELS.get(cfg.name).config_cls(**OmegaConf.to_container(cfg, resolve=True))
     return MODELS.build(cfg, input_shape, num_classes)

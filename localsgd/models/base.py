@@ -1,9 +1,10 @@
 """The model registry shared by every architecture in ``localsgd.models``.
 
-A builder takes its typed config, the dataset's ``input_shape`` (without the batch dimension) and
-``num_classes``, and returns an ``nn.Module`` mapping ``(B, *input_shape)`` to ``(B, num_classes)``
-logits. Initialisation draws only from torch's global RNG, so ``torch.manual_seed`` before building
-makes it deterministic (the trainer seeds before building, so every worker starts identical).
+Each config dataclass registers itself with ``@MODELS.add``; its ``build(input_shape, num_classes)``
+takes the dataset's ``input_shape`` (without the batch dimension) and ``num_classes`` and returns an
+``nn.Module`` mapping ``(B, *input_shape)`` to ``(B, num_classes)`` logits. Initialisation draws only
+from torch's global RNG, so ``torch.manual_seed`` before building makes it deterministic (the trainer
+seeds before building, so every worker starts identical).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ MODELS: Registry[nn.Module] = Registry("model")
 
 
 def raise_problems(model: str, problems: Problems) -> None:
-    """Raise ``ValueError`` listing every problem, if any (builders also get OmegaConf nodes)."""
+    """Raise ``ValueError`` listing every problem, if any (a config made in code skips ``check_config``)."""
     bad = list(problems)
     if bad:
         raise ValueError(f"invalid {model} config: " + "; ".join(f"{k}={v!r} {r}" for k, v, r in bad))

@@ -21,6 +21,7 @@ KERNEL = 5
 STRIDES = (1, 2, 2)
 
 
+@MODELS.add
 @dataclass
 class CNN1DConfig:
     """``model=cnn1d``: 3 x (Conv1d k5 -> ReLU), strides 1, 2, 2, then Linear; inputs (C, L) or (L,)."""
@@ -33,6 +34,17 @@ class CNN1DConfig:
         if self.channels < 1:
             yield "channels", self.channels, "must be >= 1"
         yield from check_dropout(self.dropout)
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        raise_problems("cnn1d", self.problems())
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) == 1:
+            shape = (1, *shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(
+                f"model 'cnn1d' needs inputs shaped (C, L) or (L,), got input_shape={tuple(input_shape)}"
+            )
+        return CNN1D(shape[0], shape[1], check_classes("cnn1d", num_classes), int(self.channels), float(self.dropout))
 
 
 def _out_len(length: int, stride: int) -> int:
@@ -58,18 +70,3 @@ class CNN1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], self.in_channels, self.length)  # (B, L) inputs get their channel dim
         return self.head(self.dropout(self.features(x).flatten(1)))
-
-
-@MODELS.register("cnn1d", CNN1DConfig)
-def _build(cfg: CNN1DConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    raise_problems("cnn1d", CNN1DConfig.problems(cfg))
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) == 1:
-        shape = (1, *shape)
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(
-            f"model 'cnn1d' needs inputs shaped (C, L) or (L,), got input_shape={tuple(input_shape)}"
-        )
-    return CNN1D(
-        shape[0], shape[1], check_classes("cnn1d", num_classes), int(cfg.channels), float(cfg.dropout)
-    )

@@ -15,6 +15,7 @@ from torch import nn
 from .base import MODELS, Problems, check_classes, flat_size
 
 
+@MODELS.add
 @dataclass
 class LogRegConfig:
     """``model=logreg``: ``Linear(prod(input_shape), num_classes)``."""
@@ -25,6 +26,11 @@ class LogRegConfig:
 
     def problems(self) -> Problems:
         return iter(())
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        return LogReg(
+            flat_size(input_shape), check_classes("logreg", num_classes), bias=self.bias, zero_init=self.zero_init
+        )
 
 
 class LogReg(nn.Module):
@@ -40,10 +46,3 @@ class LogReg(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.flatten(1))
-
-
-@MODELS.register("logreg", LogRegConfig)
-def _build(cfg: LogRegConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    return LogReg(
-        flat_size(input_shape), check_classes("logreg", num_classes), bias=cfg.bias, zero_init=cfg.zero_init
-    )

@@ -13,6 +13,7 @@ from torch import nn
 from .base import MODELS, Problems, check_classes, check_dropout, flat_size, raise_problems
 
 
+@MODELS.add
 @dataclass
 class MLPConfig:
     """``model=mlp``: hidden widths ``hidden`` with ReLU and optional dropout after each hidden layer."""
@@ -26,6 +27,10 @@ class MLPConfig:
             if h < 1:
                 yield f"hidden[{i}]", h, "must be >= 1"
         yield from check_dropout(self.dropout)
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        raise_problems("mlp", self.problems())
+        return MLP(flat_size(input_shape), list(self.hidden), check_classes("mlp", num_classes), float(self.dropout))
 
 
 class MLP(nn.Module):
@@ -43,11 +48,3 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-@MODELS.register("mlp", MLPConfig)
-def _build(cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    raise_problems("mlp", MLPConfig.problems(cfg))
-    return MLP(
-        flat_size(input_shape), list(cfg.hidden), check_classes("mlp", num_classes), float(cfg.dropout)
-    )

@@ -25,6 +25,7 @@ BLOCKS_PER_STAGE = 3  # 6n + 2 = 20 layers with n = 3
 SHORTCUTS = ("A", "B")
 
 
+@MODELS.add
 @dataclass
 class ResNet20Config:
     """``model=resnet20``: ResNet-20 (16/32/64 channels at width 16); inputs (C, H, W)."""
@@ -39,6 +40,17 @@ class ResNet20Config:
             yield "width", self.width, "must be >= 1"
         if self.shortcut not in SHORTCUTS:
             yield "shortcut", self.shortcut, f"must be one of {list(SHORTCUTS)}"
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        raise_problems("resnet20", self.problems())
+        c, _, _ = check_shape("resnet20", input_shape, 3, "(C, H, W)")
+        return ResNet20(
+            c,
+            check_classes("resnet20", num_classes),
+            width=int(self.width),
+            shortcut=str(self.shortcut),
+            zero_init_residual=bool(self.zero_init_residual),
+        )
 
 
 class PadShortcut(nn.Module):
@@ -116,16 +128,3 @@ class ResNet20(nn.Module):
         x = F.relu(self.bn(self.conv(x)))
         x = self.stages(x)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
-@MODELS.register("resnet20", ResNet20Config)
-def _build(cfg: ResNet20Config, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    raise_problems("resnet20", ResNet20Config.problems(cfg))
-    c, _, _ = check_shape("resnet20", input_shape, 3, "(C, H, W)")
-    return ResNet20(
-        c,
-        check_classes("resnet20", num_classes),
-        width=int(cfg.width),
-        shortcut=str(cfg.shortcut),
-        zero_init_residual=bool(cfg.zero_init_residual),
-    )

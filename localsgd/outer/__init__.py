@@ -2,16 +2,19 @@
 
 ``build(cfg)`` makes one from its typed config: ``average`` (plain local SGD), ``slowmo``
 (Wang et al., ICLR 2020, arXiv 1910.00643) and ``nesterov`` (DiLoCo, Douillard et al., arXiv 2311.08105).
-The engine calls ``step(global_params, averaged, inner_lr)`` at every sync (see :mod:`.base`).
+The engine calls ``step(global_params, averaged, inner_lr)`` at every sync (see :mod:`.base`). Each
+config dataclass builds its optimizer (``cfg.build()``) and registers itself in :data:`OUTER`, so a new
+outer optimizer touches only its own file, ``configs/outer/<name>.yaml`` and its test.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..registry import Registry
+from omegaconf import DictConfig, OmegaConf
+
 from .average import AverageConfig, AverageOuter
-from .base import OuterOptimizer
+from .base import OUTER, OuterOptimizer
 from .nesterov import NesterovConfig, NesterovOuter
 from .slowmo import SlowMoConfig, SlowMoOuter
 
@@ -27,23 +30,9 @@ __all__ = [
     "build",
 ]
 
-OUTER: Registry[OuterOptimizer] = Registry("outer")
-
-
-@OUTER.register("average", AverageConfig)
-def _average(cfg: AverageConfig) -> OuterOptimizer:
-    return AverageOuter()
-
-
-@OUTER.register("slowmo", SlowMoConfig)
-def _slowmo(cfg: SlowMoConfig) -> OuterOptimizer:
-    return SlowMoOuter(alpha=cfg.alpha, beta=cfg.beta)
-
-
-@OUTER.register("nesterov", NesterovConfig)
-def _nesterov(cfg: NesterovConfig) -> OuterOptimizer:
-    return NesterovOuter(lr=cfg.lr, momentum=cfg.momentum)
-
 
 def build(cfg: Any) -> OuterOptimizer:
+    """The outer optimizer named by ``cfg.name``, built from ``cfg``."""
+    if isinstance(cfg, DictConfig):  # a Hydra node: its registered dataclass is what builds
+        cfg = OUTER.get(cfg.name).config_cls(**OmegaConf.to_container(cfg, resolve=True))
     return OUTER.build(cfg)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import OuterOptimizer
+from .base import OUTER, OuterOptimizer
 
 
 class AverageOuter(OuterOptimizer):
@@ -25,6 +25,7 @@ class AverageOuter(OuterOptimizer):
         self.steps += 1
 
 
+@OUTER.add
 @dataclass
 class AverageConfig:
     """``outer=average``: plain local SGD (the new global model is the workers' average)."""
@@ -33,3 +34,6 @@ class AverageConfig:
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         return iter(())
+
+    def build(self) -> OuterOptimizer:
+        return AverageOuter()

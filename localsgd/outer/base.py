@@ -14,16 +14,26 @@ x̄ = (1/K) Σ_k x_k. The optimizer writes x_{t+1} into ``averaged`` in place; t
 copy of it as the next round's x_t (only when ``needs_global_copy`` is true). Every rank passes
 bit-identical inputs (the averaged buffers are the result of one all-reduce, x_t was the previous
 result), so the outer state evolves identically on every rank without any communication.
+
+Memory. x_t may live on another device than x̄ (the engine may keep it on the host to save
+accelerator memory); shapes and dtypes must match and the buffers must be contiguous. A step holds
+nothing full-size beyond x_t, x̄ and the momentum buffer: x̄ itself holds the pseudo-gradient
+Δ = x_t − x̄ while the update is computed, and a host-resident x_t comes over in pieces of at most
+``chunk_numel`` elements through one reused staging buffer (:func:`round_start_pieces`).
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
+
+from ..registry import Registry
+
+CHUNK_NUMEL = 1 << 22  # elements of x_t staged at a time from another device: 16 MiB of float32 (ours)
 
 
 class OuterOptimizer(abc.ABC):
@@ -56,14 +66,50 @@ class OuterOptimizer(abc.ABC):
         return self.name
 
 
+OUTER: Registry[OuterOptimizer] = Registry("outer")
+
+
 def check_pairs(global_params: Sequence[torch.Tensor], averaged: Sequence[torch.Tensor], who: str) -> None:
-    """Raise unless the two lists hold tensors of matching shape, dtype and device, pairwise."""
+    """Raise unless the two lists hold contiguous tensors of matching shape and dtype, pairwise.
+
+    The devices may differ: x_t may be kept on the host while the parameters are on an accelerator.
+    """
     if len(global_params) != len(averaged):
         raise ValueError(f"{who}: {len(global_params)} global buffers but {len(averaged)} averaged buffers")
     for i, (g, a) in enumerate(zip(global_params, averaged)):
-        if g.shape != a.shape or g.dtype != a.dtype or g.device != a.device:
+        if g.shape != a.shape or g.dtype != a.dtype:
             raise ValueError(f"{who}: buffer {i} differs: global {tuple(g.shape)} {g.dtype} {g.device}, "
                              f"averaged {tuple(a.shape)} {a.dtype} {a.device}")
+        if not (g.is_contiguous() and a.is_contiguous()):
+            raise ValueError(f"{who}: buffer {i} is not contiguous; the engine's flat buffers always are")
+
+
+def check_chunk_numel(chunk_numel: int, who: str) -> int:
+    if int(chunk_numel) != chunk_numel or chunk_numel < 1:
+        raise ValueError(f"{who} needs chunk_numel >= 1 (an integer), got {chunk_numel!r}")
+    return int(chunk_numel)
+
+
+def round_start_pieces(x_t: torch.Tensor, like: torch.Tensor, chunk_numel: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(piece, x_t.view(-1)[piece] on like's device)`` for consecutive pieces of at most ``chunk_numel``.
+
+    On ``like``'s device already, the pieces are views. Otherwise each piece is copied into one staging
+    buffer of at most ``chunk_numel`` elements, reused for every piece: a host-resident x_t never costs
+    a full-size device copy. A piece is valid until the next one is produced.
+    """
+    flat = x_t.view(-1)
+    n = flat.numel()
+    staging = None
+    if x_t.device != like.device:
+        staging = torch.empty(min(chunk_numel, n), dtype=x_t.dtype, device=like.device)
+    for start in range(0, n, chunk_numel):
+        piece = slice(start, min(start + chunk_numel, n))
+        if staging is None:
+            yield piece, flat[piece]
+        else:
+            stage = staging[: piece.stop - piece.start]
+            stage.copy_(flat[piece])  # blocking: the caller may overwrite x_t on the host right after
+            yield piece, stage
 
 
 def check_inner_lr(inner_lr: float, who: str) -> float:

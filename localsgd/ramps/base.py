@@ -1,4 +1,4 @@
-"""The batch-ramp interface: the per-worker batch size b_t (and an LR factor) as a function of the step.
+"""The batch-ramp interface: the per-worker batch size b_t and the LR multiplier as functions of the step.
 
 A ramp answers ``batch_size(step)``, the per-worker mini-batch b_t at local step ``step`` (0-based,
 the step about to be taken), and ``lr_factor(step)``, a multiplier on the optimizer's learning rate
@@ -6,6 +6,13 @@ the step about to be taken), and ``lr_factor(step)``, a multiplier on the optimi
 The global batch is K·b_t. Every rank must compute the same b_t, so a ramp depends only on the step,
 its config, the run's constants (base batch, total steps, world size) and all-reduced values
 (``observe_noise_scale``), like the sync schedules (``shared/design/schedules.md`` §0, §6).
+
+``lr_scale(step, batch_size, base_batch, coupling)`` is the whole multiplier the trainer puts on the
+optimizer's LR: ``lr_factor(step)`` times, when ``coupling`` is on and the ramp ``couples_lr``, the
+ramp's batch coupling, by default Goyal et al.'s linear scaling b_t / b_0 (arXiv 1706.02677, §2.1).
+Capabilities the trainer reads instead of ramp names: ``couples_lr`` (False for ``smith``, which grows
+the batch *instead of* changing the LR), ``constant`` (True for ``none``: b_t = b_0 throughout) and
+``observes_noise_scale`` (True for ``noise_scale``: the trainer must measure B_simple for it).
 
 Milestones are fractions of the run's total local steps, converted with ``int(fraction * total_steps)``
 exactly as the optimizers' step decay (``optim.base.lr_at``) converts them, so a ramp and an LR
@@ -22,6 +29,8 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
+from ..registry import Registry
+
 MAX_BATCH = 2**40  # a batch this large is a configuration error, not a plan
 
 
@@ -29,6 +38,9 @@ class BatchRamp(abc.ABC):
     """Per-worker batch size and LR multiplier as functions of the local step. Checkpointable."""
 
     name: ClassVar[str] = "base"
+    couples_lr: ClassVar[bool] = True  # does the LR follow the batch (when the trainer couples them)?
+    constant: ClassVar[bool] = False  # is b_t = b_0 at every step (nothing to recompute per step)?
+    observes_noise_scale: ClassVar[bool] = False  # does it need the trainer's B_simple measurements?
 
     def __init__(self, base_batch: int, total_steps: int) -> None:
         if int(base_batch) != base_batch or base_batch < 1:
@@ -47,6 +59,21 @@ class BatchRamp(abc.ABC):
         check_step(step)
         return 1.0
 
+    def lr_scale(self, step: int, batch_size: int, base_batch: int, coupling: bool) -> float:
+        """The full multiplier on the optimizer's LR at ``step`` for a per-worker batch ``batch_size``.
+
+        ``lr_factor(step)``, times ``batch_lr_multiplier(batch_size, base_batch)`` when ``coupling``
+        (the trainer's ``lr_batch_coupling``) is on and this ramp ``couples_lr``.
+        """
+        factor = self.lr_factor(step)
+        if coupling and self.couples_lr:
+            return factor * self.batch_lr_multiplier(batch_size, base_batch)
+        return factor
+
+    def batch_lr_multiplier(self, batch_size: int, base_batch: int) -> float:
+        """LR multiplier for growing the batch from ``base_batch`` to ``batch_size``: Goyal et al.'s b/b_0."""
+        return batch_size / base_batch
+
     def global_batch(self, step: int, world_size: int) -> int:
         """K·b_t: samples per step summed over the ``world_size`` workers."""
         return int(world_size) * self.batch_size(step)
@@ -64,6 +91,9 @@ class BatchRamp(abc.ABC):
 
     def describe(self) -> str:
         return self.name
+
+
+RAMPS: Registry[BatchRamp] = Registry("ramp")
 
 
 def check_step(step: int) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import BatchRamp, b_max_problems, check_step, grown_batch
+from .base import RAMPS, BatchRamp, b_max_problems, check_b_max, check_step, grown_batch
 
 
 class GeometricRamp(BatchRamp):
@@ -30,6 +30,7 @@ class GeometricRamp(BatchRamp):
         return f"geometric(b0={self.base_batch}, x{self.factor:g} every {self.every_steps}, b_max={self.b_max})"
 
 
+@RAMPS.add
 @dataclass
 class GeometricRampConfig:
     """``ramp=geometric``: batch × ``factor`` every ``every_steps`` local steps, capped at ``b_max``."""
@@ -45,3 +46,7 @@ class GeometricRampConfig:
         if self.every_steps < 1:
             yield "every_steps", self.every_steps, "must be >= 1"
         yield from b_max_problems(self.b_max, required=True)
+
+    def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
+        check_b_max(self.name, self.b_max, base_batch)
+        return GeometricRamp(base_batch, total_steps, self.factor, self.every_steps, self.b_max)

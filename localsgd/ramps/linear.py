@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import BatchRamp, check_step, round_batch
+from .base import RAMPS, BatchRamp, check_step, round_batch
 
 
 class LinearRamp(BatchRamp):
@@ -43,6 +43,7 @@ class LinearRamp(BatchRamp):
         return f"linear({self.b_start}->{self.b_end} over steps {self.start_step}..{self.end_step})"
 
 
+@RAMPS.add
 @dataclass
 class LinearRampConfig:
     """``ramp=linear``: ``b_start`` (None: the trainer's batch size) to ``b_end`` over [start, end] of the run."""
@@ -66,3 +67,6 @@ class LinearRampConfig:
             yield "end", self.end, "must be a fraction of the total steps in [0, 1]"
         elif self.end < self.start:
             yield "end", self.end, f"must be >= start={self.start}"
+
+    def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
+        return LinearRamp(base_batch, total_steps, self.b_start, self.b_end, self.start, self.end)

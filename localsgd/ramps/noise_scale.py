@@ -25,6 +25,24 @@ Ramp (ours, a heuristic built on McCandlish; the paper prescribes no controller)
 b_t = clip(round(B_simple / K), b_min, b_max), updated only when ``observe_noise_scale`` is called and
 only ever increased. Defaults (ours): b_min = the trainer's batch size, b_max = 4096, EMA 0.95, one
 measurement every 4 rounds.
+
+LR coupling (McCandlish et al., §2, eq. 2.6-2.7), applied when the trainer's ``lr_batch_coupling`` is
+on, chosen by ``lr_coupling``:
+
+* ``mccandlish`` (default): the best SGD step for a batch B is ε_opt(B) = ε_max / (1 + B_noise/B)
+  (eq. 2.6; eq. 2.7 is the matching loss decrease). Taking the configured LR as ε_opt at the base
+  batch b_0, the LR multiplier is
+
+      ε_opt(B) / ε_opt(b_0) = (1 + B_noise/b_0) / (1 + B_noise/B)  <=  1 + B_noise/b_0 = ε_max / ε_opt(b_0)
+
+  with B_noise the latest usable B_simple (equal to B_noise when the Hessian is a multiple of the
+  identity, the paper's simplification), and B = K·b_t, b_0 = K·(the trainer's batch size) global
+  batches: B_simple is measured on the all-reduced gradient and the ramp aims K·b_t at it. It is close
+  to B/b_0 while b_0 <= B << B_noise and saturates at the bound beyond, so the LR stops following a
+  batch that has outgrown the noise scale. Before the first usable estimate it is 1.
+* ``linear``: B/b_0 (Goyal et al., arXiv 1706.02677), uncapped: the batch ramped 128x then sets a
+  128x LR (0.05 became 6.4, with momentum 0.9), which is why it is not the default.
+* ``capped_linear``: min(B/b_0, max_lr_scale); the cap 8 is ours.
 """
 
 from __future__ import annotations
@@ -34,7 +52,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import BatchRamp, check_step, round_batch
+from .base import RAMPS, BatchRamp, check_b_max, check_step, round_batch
+
+LR_COUPLINGS = ("mccandlish", "linear", "capped_linear")
 
 
 def two_batch_estimates(sq_norm_small: float, sq_norm_big: float, b_small: float, b_big: float) -> tuple[float, float]:
@@ -44,6 +64,18 @@ def two_batch_estimates(sq_norm_small: float, sq_norm_big: float, b_small: float
     grad_sq = (b_big * sq_norm_big - b_small * sq_norm_small) / (b_big - b_small)
     trace_sigma = (sq_norm_small - sq_norm_big) / (1.0 / b_small - 1.0 / b_big)
     return grad_sq, trace_sigma
+
+
+def mccandlish_lr_multiplier(b_noise: float, batch: float, base_batch: float) -> float:
+    """ε_opt(batch) / ε_opt(base_batch) = (1 + B_noise/base_batch) / (1 + B_noise/batch) (McCandlish eq. 2.6).
+
+    At most 1 + B_noise/base_batch (= ε_max/ε_opt(base_batch), approached as ``batch`` grows).
+    """
+    if not (math.isfinite(b_noise) and b_noise > 0):
+        raise ValueError(f"the LR multiplier needs a noise scale B_noise > 0 (finite), got {b_noise!r}")
+    if not (batch > 0 and base_batch > 0):
+        raise ValueError(f"the LR multiplier needs batch sizes > 0, got batch={batch!r}, base_batch={base_batch!r}")
+    return (1 + b_noise / base_batch) / (1 + b_noise / batch)
 
 
 class NoiseScaleEstimator:
@@ -121,13 +153,25 @@ class NoiseScaleEstimator:
 
 
 class NoiseScaleRamp(BatchRamp):
-    """b_t = clip(round(B_simple / K), b_min, b_max), raised only when an estimate calls for more."""
+    """b_t = clip(round(B_simple / K), b_min, b_max), raised only when an estimate calls for more.
+
+    The LR follows the batch by ``lr_coupling`` (module doc): McCandlish's ε_opt(B) by default.
+    """
 
     name = "noise_scale"
+    observes_noise_scale = True
 
     def __init__(self, base_batch: int, total_steps: int, world_size: int, b_min: int | None, b_max: int,
-                 max_growth: float = 2.0, warmup_measurements: int = 2) -> None:
+                 max_growth: float = 2.0, warmup_measurements: int = 2, lr_coupling: str = "mccandlish",
+                 max_lr_scale: float = 8.0) -> None:
         super().__init__(base_batch, total_steps)
+        if lr_coupling not in LR_COUPLINGS:
+            raise ValueError(f"ramp 'noise_scale': lr_coupling must be one of {list(LR_COUPLINGS)}, "
+                             f"got {lr_coupling!r}")
+        if not (math.isfinite(max_lr_scale) and max_lr_scale >= 1):
+            raise ValueError(f"ramp 'noise_scale' needs max_lr_scale >= 1 (finite), got {max_lr_scale!r}")
+        self.lr_coupling = lr_coupling
+        self.max_lr_scale = float(max_lr_scale)
         self.warmup_measurements = int(warmup_measurements)
         self.measurements = 0
         if not max_growth > 1:
@@ -143,12 +187,25 @@ class NoiseScaleRamp(BatchRamp):
                              f"b_max={self.b_max}")
         self.current = min(max(self.base_batch, self.b_min), self.b_max)
         self.last_b_simple = math.nan
+        self.noise_scale = math.nan  # the latest usable (finite, > 0) B_simple: McCandlish's B_noise
         self.last_step: int | None = None
 
     def batch_size(self, step: int) -> int:
         """The batch set by the latest observation (not a function of ``step``: past steps are not replayed)."""
         check_step(step)
         return self.current
+
+    def batch_lr_multiplier(self, batch_size: int, base_batch: int) -> float:
+        """The LR multiplier for per-worker batch ``batch_size`` against ``base_batch``, by ``lr_coupling``."""
+        linear = batch_size / base_batch
+        if self.lr_coupling == "linear":
+            return linear
+        if self.lr_coupling == "capped_linear":
+            return min(linear, self.max_lr_scale)
+        if math.isnan(self.noise_scale):
+            return 1.0  # no estimate of B_noise yet: keep the LR tuned for the base batch
+        k = self.world_size
+        return mccandlish_lr_multiplier(self.noise_scale, k * batch_size, k * base_batch)
 
     def target(self, b_simple: float) -> int | None:
         """clip(round(B_simple/K), b_min, b_max), or None for an unusable estimate (NaN, inf, <= 0)."""
@@ -161,6 +218,8 @@ class NoiseScaleRamp(BatchRamp):
         """Raise the batch to the target of an all-reduced B_simple estimate (never lowers it)."""
         check_step(step)
         self.last_b_simple = float(b_simple)
+        if math.isfinite(self.last_b_simple) and self.last_b_simple > 0:
+            self.noise_scale = self.last_b_simple
         self.last_step = int(step)
         self.measurements += 1
         if self.measurements <= self.warmup_measurements:
@@ -168,30 +227,37 @@ class NoiseScaleRamp(BatchRamp):
         t = self.target(float(b_simple))
         if t is not None and t > self.current:
             # At most x max_growth per measurement (ours): one noisy early estimate must not jump the
-            # batch (and, with linear LR coupling, the learning rate) straight to b_max.
+            # batch (and, with the LR coupled to it, the learning rate) straight to b_max.
             self.current = min(t, max(self.current + 1, math.floor(self.current * self.max_growth)))
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "current": self.current, "last_b_simple": self.last_b_simple,
-                "last_step": self.last_step, "measurements": self.measurements}
+                "noise_scale": self.noise_scale, "last_step": self.last_step, "measurements": self.measurements}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.current = int(state["current"])
         self.measurements = int(state.get("measurements", 0))
         self.last_b_simple = float(state["last_b_simple"])
+        usable = math.isfinite(self.last_b_simple) and self.last_b_simple > 0
+        # Checkpoints from before the LR coupling lack "noise_scale"; their last estimate is the best guess.
+        self.noise_scale = float(state.get("noise_scale", self.last_b_simple if usable else math.nan))
         self.last_step = None if state["last_step"] is None else int(state["last_step"])
 
     def describe(self) -> str:
-        return f"noise_scale(K={self.world_size}, b in [{self.b_min}, {self.b_max}], now {self.current})"
+        return (f"noise_scale(K={self.world_size}, b in [{self.b_min}, {self.b_max}], now {self.current}, "
+                f"lr_coupling={self.lr_coupling})")
 
 
+@RAMPS.add
 @dataclass
 class NoiseScaleRampConfig:
     """``ramp=noise_scale``: per-worker batch from the measured noise scale (ours; module doc).
 
     ``ema`` and ``measure_every_rounds`` are read by the trainer, which owns the
     :class:`NoiseScaleEstimator` and measures at the first local step after every such sync.
+    ``lr_coupling`` (``mccandlish``, ``linear`` or ``capped_linear``, capped at ``max_lr_scale``) says how
+    the LR follows the batch when the trainer's ``lr_batch_coupling`` is on (module doc).
     """
 
     name: str = "noise_scale"
@@ -201,6 +267,8 @@ class NoiseScaleRampConfig:
     measure_every_rounds: int = 4
     max_growth: float = 2.0  # ours: the batch grows at most this factor per measurement
     warmup_measurements: int = 2  # ours: first estimates ignored by the ramp and kept out of the EMAs
+    lr_coupling: str = "mccandlish"  # McCandlish et al. eq. 2.6 (module doc); "linear" is Goyal's, uncapped
+    max_lr_scale: float = 8.0  # ours: the cap of lr_coupling=capped_linear
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.b_min is not None and self.b_min < 1:
@@ -217,3 +285,12 @@ class NoiseScaleRampConfig:
             yield "max_growth", self.max_growth, "must be > 1"
         if self.warmup_measurements < 0:
             yield "warmup_measurements", self.warmup_measurements, "must be >= 0"
+        if self.lr_coupling not in LR_COUPLINGS:
+            yield "lr_coupling", self.lr_coupling, f"must be one of {list(LR_COUPLINGS)}"
+        if not (math.isfinite(self.max_lr_scale) and self.max_lr_scale >= 1):
+            yield "max_lr_scale", self.max_lr_scale, "must be >= 1 (finite)"
+
+    def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
+        check_b_max(self.name, self.b_max, base_batch)
+        return NoiseScaleRamp(base_batch, total_steps, world_size, self.b_min, self.b_max, self.max_growth,
+                              self.warmup_measurements, self.lr_coupling, self.max_lr_scale)

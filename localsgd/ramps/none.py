@@ -6,13 +6,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import BatchRamp, check_step
+from .base import RAMPS, BatchRamp, check_step
 
 
 class ConstantBatch(BatchRamp):
     """The fixed per-worker batch."""
 
     name = "none"
+    constant = True
 
     def batch_size(self, step: int) -> int:
         check_step(step)
@@ -22,6 +23,7 @@ class ConstantBatch(BatchRamp):
         return f"none(b={self.base_batch})"
 
 
+@RAMPS.add
 @dataclass
 class NoneRampConfig:
     """``ramp=none``: keep the trainer's batch size throughout."""
@@ -30,3 +32,6 @@ class NoneRampConfig:
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         return iter(())
+
+    def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
+        return ConstantBatch(base_batch, total_steps)

@@ -13,6 +13,8 @@ so lr·N/b = lr_0·f^k·N/b_0 at every step: exactly the original schedule's noi
 batch grows (lr_factor = 1) and after b_max is reached, when the batch is raised as far as b_max
 allows and the LR decays by the remaining factor. Flooring keeps lr_factor <= 1. The trainer must
 multiply the optimizer's LR by ``lr_factor`` and configure the optimizer *without* its own step decay.
+Linear LR-batch coupling would undo the point of the ramp, so ``couples_lr`` is False and
+``lr_scale`` is ``lr_factor`` whatever the trainer's ``lr_batch_coupling``.
 
 Defaults (ours): milestones 0.5 and 0.75 with f = 0.1, the optimizers' step-decay defaults. The
 paper's CIFAR-10 Wide-ResNet schedule (f = 0.2, i.e. batch × 5, at epochs 60, 120, 160; initial
@@ -26,13 +28,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import BatchRamp, b_max_problems, check_step, fraction_problems, milestone_steps, stages_passed
+from .base import (
+    RAMPS,
+    BatchRamp,
+    b_max_problems,
+    check_b_max,
+    check_step,
+    fraction_problems,
+    milestone_steps,
+    stages_passed,
+)
 
 _INTEGER_RTOL = 1e-9  # b_0/f^k within this relative distance of an integer counts as that integer (fp noise)
 
 
 class SmithRamp(BatchRamp):
     name = "smith"
+    couples_lr = False  # the batch grows *instead of* the LR changing; its own lr_factor is the whole LR story
 
     def __init__(self, base_batch: int, total_steps: int, milestones: list[float], decay_factor: float,
                  b_max: int | None) -> None:
@@ -77,6 +89,7 @@ class SmithRamp(BatchRamp):
                 f"b_max={self.b_max})")
 
 
+@RAMPS.add
 @dataclass
 class SmithRampConfig:
     """``ramp=smith``: the LR step-decay schedule (``milestones``, ``decay_factor``) turned into batch growth."""
@@ -91,3 +104,7 @@ class SmithRampConfig:
         if not 0 < self.decay_factor <= 1:
             yield "decay_factor", self.decay_factor, "must be in (0, 1] (the LR-decay factor the batch replaces)"
         yield from b_max_problems(self.b_max)
+
+    def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
+        check_b_max(self.name, self.b_max, base_batch)
+        return SmithRamp(base_batch, total_steps, list(self.milestones), self.decay_factor, self.b_max)

@@ -14,7 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import BatchRamp, b_max_problems, check_step, fraction_problems, grown_batch, milestone_steps, stages_passed
+from .base import (
+    RAMPS,
+    BatchRamp,
+    b_max_problems,
+    check_b_max,
+    check_step,
+    fraction_problems,
+    grown_batch,
+    milestone_steps,
+    stages_passed,
+)
 
 
 class StepRamp(BatchRamp):
@@ -35,6 +45,7 @@ class StepRamp(BatchRamp):
         return f"step(b0={self.base_batch}, x{self.factor:g} at steps {self.milestones}, b_max={self.b_max})"
 
 
+@RAMPS.add
 @dataclass
 class StepRampConfig:
     """``ramp=step``: batch × ``factor`` at each milestone (fractions of the total steps), capped at ``b_max``."""
@@ -49,3 +60,7 @@ class StepRampConfig:
         if not self.factor >= 1:
             yield "factor", self.factor, "must be >= 1 (the batch never shrinks)"
         yield from b_max_problems(self.b_max)
+
+    def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
+        check_b_max(self.name, self.b_max, base_batch)
+        return StepRamp(base_batch, total_steps, list(self.milestones), self.factor, self.b_max)
