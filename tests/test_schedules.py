@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,32 @@ import torch.distributed as tdist
 from torch import nn
 
 import localsgd
-from localsgd.schedules import QSR, AdaComm, AdaptivePD, Fixed, Lupa, OneShot, PatelDieuleveut, PostLocal, Stich
+from localsgd.errors import ConfigError
+from localsgd.schedules import (
+    QSR,
+    SCHEDULES,
+    AdaComm,
+    AdaCommConfig,
+    AdaptivePD,
+    DDPConfig,
+    Fixed,
+    FixedConfig,
+    Hierarchical,
+    HierarchicalConfig,
+    Lupa,
+    LupaConfig,
+    OneShot,
+    OneShotConfig,
+    PatelDieuleveut,
+    PatelDieuleveutConfig,
+    PostLocal,
+    PostLocalConfig,
+    QSRConfig,
+    RunInfo,
+    Stich,
+    StichConfig,
+    build,
+)
 from localsgd.schedules.adacomm import adacomm_tau
 
 from .distributed import run_ok
@@ -107,17 +135,53 @@ def test_adacomm_period_shrinks_as_loss_falls_at_constant_lr() -> None:
     assert taus == sorted(taus, reverse=True) and taus[0] == 20 and taus[-1] == math.ceil(math.sqrt(0.05) * 20)
 
 
-def test_lupa_matches_the_repository_formula() -> None:
+def authors_lupa_syncs(total: int, tau: int, rounds: int, in_floats: bool = False) -> list[int]:
+    """Global steps at which the authors' code averages (github.com/mmkamani7/LUPA-SGD: ``main.py --adaptive``
+    builds ``local_updates = [τ(1 + α i) for i in 0..C]``; ``utils.SyncHook`` averages in ``before_run``
+    when TensorFlow's ``SecondOrStepTimer`` fires: at the first step seen, then at the first global
+    step >= last sync + local_updates[count]). Training stops after ``total`` steps.
+
+    ``in_floats`` computes α and τ_i in binary floating point as ``main.py`` does; otherwise exactly.
+    """
+    if in_floats:
+        alpha = 2 / (rounds + 1) * (total / (rounds * tau))
+        periods = [tau * (1 + alpha * i) for i in range(rounds + 1)]
+    else:
+        periods = [tau * (1 + Fraction(2 * total, (rounds + 1) * rounds * tau) * i) for i in range(rounds + 1)]
+    syncs: list[int] = []
+    count, every = 0, tau
+    for global_step in range(total):  # before_run of the step that would bring the count to global_step + 1
+        if not syncs or (global_step != syncs[-1] and global_step >= syncs[-1] + every):
+            syncs.append(global_step)
+            count += 1
+            every = periods[count]
+    return syncs
+
+
+def test_lupa_syncs_where_the_authors_code_does() -> None:
+    """Random (T, τ, C): after the authors' step-0 average (a no-op for us: replicas start equal) every
+    sync falls on the same step as theirs, with their α and τ_i computed exactly."""
+    rng = random.Random(1910)
+    for _ in range(200):
+        total, tau, rounds = rng.randint(1, 4000), rng.randint(1, 120), rng.randint(1, 40)
+        theirs = authors_lupa_syncs(total, tau, rounds)
+        assert theirs[0] == 0
+        assert sync_steps(Lupa(tau, rounds, total), total - 1) == theirs[1:], (total, tau, rounds)
+
+
+def test_lupa_readme_run_and_the_float_difference() -> None:
+    # The README run (epsilon, T = 5469, --sync-step 91, C = 10): gaps ⌈τ_1⌉ = 191, ⌈τ_2⌉ = 290, ...
+    readme = [0, 191, 481, 871, 1360, 1949, 2637, 3425, 4312, 5298]
+    assert authors_lupa_syncs(5469, 91, 10) == authors_lupa_syncs(5469, 91, 10, in_floats=True) == readme
+    assert sync_steps(Lupa(91, 10, 5469), 5468) == readme[1:]
     s = Lupa(tau=91, rounds=10, total_steps=5469)
-    assert s.alpha == 2 * 5469 / (11 * 10 * 91)
-    assert s.local_steps(0) == 91
-    assert s.period(10) / 91 == pytest.approx(1 + s.alpha * 10, rel=1e-15)
-    # τ_i = τ(1 + α i) with α = 2T/((C+1)Cτ), so Σ_{i<=C} τ_i = τ(C+1) + T >= T: C+1 rounds cover T.
-    assert sum(s.local_steps(i) for i in range(11)) == 6469 >= 5469
-    steps = sync_steps(Lupa(91, 10, 5469), 5469)
-    lengths = [b - a for a, b in zip([0, *steps], steps)]
-    assert lengths == [s.local_steps(i) for i in range(len(lengths))] and lengths == sorted(lengths)
-    assert len(steps) <= 11 and 5469 - steps[-1] < s.local_steps(len(steps))
+    assert s.alpha == Fraction(2 * 5469, 11 * 10 * 91) and s.period(0) == 91
+    assert [s.local_steps(r) for r in range(3)] == [191, 290, 390] == [math.ceil(s.period(i)) for i in (1, 2, 3)]
+    # Σ_{i=1..C} ⌈τ_i⌉ >= Cτ + T: C rounds cover T.
+    assert sum(s.local_steps(r) for r in range(9)) < 5469 <= sum(s.local_steps(r) for r in range(10))
+    # T = 1068, τ = 159, C = 3: τ_1 = 337 exactly, 337.00000000000006 in floats, so the authors wait 338.
+    assert authors_lupa_syncs(1068, 159, 3, in_floats=True) == [0, 338, 853]
+    assert authors_lupa_syncs(1068, 159, 3) == [0, 337, 852] == [0, *sync_steps(Lupa(159, 3, 1068), 1067)]
 
 
 def test_qsr_grows_as_the_lr_decays() -> None:
@@ -131,6 +195,51 @@ def test_qsr_grows_as_the_lr_decays() -> None:
     q = QSR(H_base=4, alpha=0.3)
     q.observe(step=1, lr=0.05)
     assert q.H == 36
+
+
+def drive(schedule, total: int, lr_at, loss_at=lambda step: 1.0) -> list[int]:
+    """Sync steps when, at each sync, ``observe`` gets the LR the next round's first step runs at.
+
+    ``lr_at(k)`` is the LR of 0-based step k, so after the sync at (1-based) step s the next round's
+    first step is k = s; this is the order the engine calls ``observe`` and then ``advance`` in.
+    """
+    out = []
+    for step in range(1, total + 1):
+        if schedule.should_sync(step):
+            out.append(step)
+            schedule.observe(step=step, loss=loss_at(step), lr=lr_at(step))
+            schedule.advance(step)
+    return out
+
+
+def test_qsr_lengthens_the_round_that_starts_with_a_dropped_lr() -> None:
+    """H = max(H_base, ⌊(α/η)²⌋) (Gu et al., ICLR 2024) from the LR the next round runs at: a 10x drop
+    due at step 12 makes the round starting after the sync at 12 last ⌊(0.2/0.01)²⌋ = 400 steps."""
+    lr_at = lambda k: 0.1 if k < 12 else 0.01  # noqa: E731
+    assert drive(QSR(H_base=4, alpha=0.2), 450, lr_at) == [4, 8, 12, 12 + 400]
+    # A drop at a step that is not a sync shows at the next sync: rounds 4, 4, 4 (the one the drop
+    # falls in, at 0.1 when it started), then 400.
+    assert drive(QSR(H_base=4, alpha=0.2), 450, lambda k: 0.1 if k < 10 else 0.01) == [4, 8, 12, 412]
+    # ⌊(α/η)²⌋ below H_base keeps H_base: α = 0.2 at η = 0.1 is 4, at η = 0.2 it is 1.
+    assert drive(QSR(H_base=4, alpha=0.2), 20, lambda k: 0.2) == [4, 8, 12, 16, 20]
+
+
+@pytest.mark.parametrize(("lr_power", "tau_after_drop"), [(1.0, math.ceil(10 * math.sqrt(10))), (2.0, 100)])
+def test_adacomm_resizes_the_round_that_starts_with_a_dropped_lr(lr_power: float, tau_after_drop: int) -> None:
+    """τ_l = ⌈√((F_l/F₀)·(η₀/η_l)^p)·τ₀⌉ (Wang & Joshi 2019): at constant loss a 10x LR drop due at the
+    interval boundary (step 20) sets the very next round to ⌈√(10^p)·10⌉ (32 for p = 1, 100 for p = 2)."""
+    lr_at = lambda k: 0.1 if k < 20 else 0.01  # noqa: E731
+    schedule = AdaComm(tau0=10, interval_steps=10, lr_power=lr_power)
+    # The sync at 10 records F₀ and η₀; the one at 20 is the first interval boundary.
+    assert drive(schedule, 20 + 2 * tau_after_drop, lr_at) == [10, 20, 20 + tau_after_drop, 20 + 2 * tau_after_drop]
+    assert schedule.local_steps(schedule.sync_round) == tau_after_drop
+
+
+def test_adacomm_period_follows_the_loss_and_the_next_lr_together() -> None:
+    """F halves and η drops 10x at the boundary: τ = ⌈√(0.5·10)·10⌉ = ⌈22.36⌉ = 23."""
+    schedule = AdaComm(tau0=10, interval_steps=10)
+    steps = drive(schedule, 80, lambda k: 0.1 if k < 20 else 0.01, lambda step: 2.0 if step < 20 else 1.0)
+    assert steps == [10, 20, 43, 66] and math.ceil(math.sqrt(5) * 10) == 23
 
 
 def test_adaptive_pd_grows_inversely_to_the_loss_gap_and_never_shrinks() -> None:
@@ -153,6 +262,58 @@ def test_schedule_state_round_trips() -> None:
         ahead = [a.local_steps(a.sync_round + k) for k in range(3)]
         assert [b.local_steps(b.sync_round + k) for k in range(3)] == ahead
         assert b.state_dict() == a.state_dict()
+
+
+def run_info(**overrides) -> RunInfo:
+    return RunInfo(**{"total_local_steps": 1000, "world_size": 4, "batch_size": 8, **overrides})
+
+
+@pytest.mark.parametrize(("cfg", "run", "kind", "expected"), [
+    (FixedConfig(H=5), run_info(), Fixed, "fixed(H=5)"),
+    (OneShotConfig(), run_info(), OneShot, "one_shot"),
+    (StichConfig(c=0.29), run_info(total_local_steps=10_000, world_size=1, batch_size=1), Stich, "stich(H=29)"),
+    (StichConfig(H_max=3), run_info(), Stich, "stich(H=3)"),
+    (PatelDieuleveutConfig(N1=1.5, beta=0.5), run_info(), PatelDieuleveut, "patel_dieuleveut(N1=1.5, beta=0.5)"),
+    (PatelDieuleveutConfig(N1=2.4, adaptive=True, N_max=9), run_info(), AdaptivePD,
+     "patel_dieuleveut_adaptive(N1=2, N_max=9)"),
+    (PostLocalConfig(H=4), run_info(first_lr_decay_step=300), PostLocal, "post_local(switch=300, H=4)"),
+    (PostLocalConfig(H=4, switch_step=7), run_info(), PostLocal, "post_local(switch=7, H=4)"),
+    (AdaCommConfig(tau0=6), run_info(), AdaComm, "adacomm(tau0=6)"),
+    (LupaConfig(tau=3, rounds=8), run_info(), Lupa, "lupa(tau=3, C=8)"),
+    (HierarchicalConfig(H_group=2, H_global=6), run_info(local_world_size=8), Hierarchical,
+     "hierarchical(H_group=2, H_global=6, group_size=8)"),
+    (HierarchicalConfig(group_size=2), run_info(local_world_size=8), Hierarchical,
+     "hierarchical(H_group=4, H_global=16, group_size=2)"),
+    (QSRConfig(H_base=3, alpha=0.5), run_info(), QSR, "qsr(H_base=3, alpha=0.5)"),
+])
+def test_each_config_builds_its_schedule(cfg, run: RunInfo, kind: type, expected: str) -> None:
+    schedule = build(cfg, run)
+    assert type(schedule) is kind and schedule.describe() == expected
+    assert cfg.build(run).describe() == expected  # the registry only forwards to the config
+
+
+def test_the_run_budget_reaches_the_schedule() -> None:
+    lupa = build(LupaConfig(tau=91, rounds=10), run_info(total_local_steps=5469))
+    assert [lupa.local_steps(r) for r in range(3)] == [191, 290, 390]
+    stich = build(StichConfig(), run_info(total_local_steps=10_000, world_size=4, batch_size=1))
+    assert stich.rounds() == 200
+    pd = build(PatelDieuleveutConfig(), run_info(total_local_steps=5050))
+    assert pd.rounds() == 100
+
+
+def test_ddp_builds_no_schedule_and_post_local_needs_a_decay() -> None:
+    assert build(DDPConfig(), run_info()) is None
+    with pytest.raises(ConfigError, match="switch_step=-1"):
+        build(PostLocalConfig(), run_info(first_lr_decay_step=None))
+
+
+def test_every_schedule_yaml_has_a_registered_config_and_back() -> None:
+    """A schedule is its file, its YAML and its test: the registry and configs/schedule/ list the same names."""
+    yaml_names = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "schedule").glob("*.yaml"))
+    assert SCHEDULES.names() == yaml_names
+    for entry in SCHEDULES.entries():
+        assert entry.config_cls().name == entry.name
+        assert callable(entry.config_cls.build)
 
 
 # ------------------------------------------------------------------ multi-rank
@@ -192,6 +353,7 @@ def _quadratic_all_schedules(rank: int, world: int) -> dict[str, float]:
     return {"worst": worst, "syncs": sync_steps_seen}
 
 
+@pytest.mark.slow
 def test_every_schedule_keeps_the_averaged_iterate_equal_to_minibatch_sgd_on_a_quadratic() -> None:
     for report in run_ok(_quadratic_all_schedules, 2, timeout_s=120):
         assert all(v < 1e-10 for v in report["worst"].values()), report["worst"]
@@ -235,6 +397,7 @@ def _adaptive_agreement(rank: int, world: int, name: str) -> dict:
     return {"syncs": out, "loss": sync.last_round_loss, "resumed_equal": rest_resumed == rest}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ADAPTIVE_MAKERS))
 def test_adaptive_decisions_agree_across_ranks_and_survive_resume(name: str) -> None:
     reports = run_ok(_adaptive_agreement, 2, name)
@@ -250,7 +413,6 @@ def _hierarchical(rank: int, world: int, outer_lr: float | None = None, outer_mo
     """4 ranks as 2 'nodes' x 2: group averages every 2 steps, global every 6 (optionally DiLoCo's
     Nesterov outer step at the global syncs)."""
     from localsgd.outer import NesterovOuter
-    from localsgd.schedules import Hierarchical
 
     d, lr = 4, 0.05
     g = torch.Generator().manual_seed(9)
@@ -298,6 +460,7 @@ def _hierarchical(rank: int, world: int, outer_lr: float | None = None, outer_mo
             "rounds": sync.stats.rounds, "bytes": sync.stats.bytes}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("outer_lr", "outer_momentum"), [(None, 0.0), (0.7, 0.9)])
 def test_hierarchical_averages_within_nodes_and_globally_on_four_ranks(outer_lr: float | None,
                                                                        outer_momentum: float) -> None:
@@ -359,6 +522,7 @@ def _weighted_average(rank: int, world: int) -> float:
     return float((x.detach() - expected).abs().max())
 
 
+@pytest.mark.slow
 def test_stich_weighted_iterate_average_is_exact_across_workers() -> None:
     assert max(run_ok(_weighted_average, 2)) < 1e-12
 

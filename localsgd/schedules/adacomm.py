@@ -5,22 +5,35 @@ interval T₀):  **τ_l = ⌈√((F_l/F₀)·(η₀/η_l)^p)·τ₀⌉**, clippe
 training loss all-reduced at the sync (one scalar riding on the agreement check) and η the LR.
 Defaults are not taken from the paper: τ₀ = 20 is unverified against it; ``lr_power`` p = 1 follows
 PaddlePaddle's adaptive_localsgd; F₀ and η₀ are the values observed at the first sync.
+
+η_l is the learning rate :meth:`AdaComm.observe` receives, the one the next round's first step runs
+at, so a 10x LR decay at an interval boundary sets τ for the round that starts with the decayed LR.
+(η₀ is therefore the LR of the second round; it equals the first round's unless the LR changes at the
+first sync.) The ceiling is exact, F and η read at 12 significant digits (:mod:`localsgd.schedules.exact`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
-from .base import SyncSchedule
+from .base import SCHEDULES, RunInfo, SyncSchedule
+from .exact import as_exponent, as_measured, ceil_root
 
 
-def adacomm_tau(loss_ratio: float, lr_ratio: float, tau0: int, lr_power: float, tau_min: int,
-                tau_max: int | None) -> int:
-    """τ = clip(⌈√(loss_ratio · lr_ratio^p) · τ₀⌉) with loss_ratio = F_l/F₀ and lr_ratio = η₀/η_l."""
-    tau = math.ceil(math.sqrt(max(loss_ratio, 0.0) * lr_ratio**lr_power) * tau0)
+def adacomm_tau(loss_ratio: float | Fraction, lr_ratio: float | Fraction, tau0: int, lr_power: float,
+                tau_min: int, tau_max: int | None) -> int:
+    """τ = clip(⌈√(loss_ratio · lr_ratio^p) · τ₀⌉) with loss_ratio = F_l/F₀ and lr_ratio = η₀/η_l.
+
+    Exact: with p = a/b, τ₀·√(loss_ratio · lr_ratio^p) = (τ₀^(2b) · loss_ratio^b · lr_ratio^a)^(1/(2b)).
+    Float ratios are read at 12 significant digits; Fractions (ratios of measured values) are kept.
+    """
+    power = as_exponent(lr_power)
+    a, b = power.numerator, power.denominator
+    radicand = Fraction(tau0) ** (2 * b) * max(as_measured(loss_ratio), Fraction(0)) ** b * as_measured(lr_ratio) ** a
+    tau = ceil_root(radicand, 2 * b)
     tau = max(tau_min, tau)
     return min(tau, tau_max) if tau_max else tau
 
@@ -50,8 +63,10 @@ class AdaComm(SyncSchedule):
             self.F0, self.lr0 = loss, lr
             return
         if step >= self.next_update:
-            lr_ratio = (self.lr0 / lr) if (lr and self.lr0) else 1.0
-            self.tau = adacomm_tau(loss / self.F0, lr_ratio, self.tau0, self.lr_power, self.tau_min, self.tau_max)
+            # ``lr`` is the rate of the round about to start, so an LR decay now shapes that round.
+            lr_ratio = as_measured(self.lr0) / as_measured(lr) if (lr and self.lr0) else Fraction(1)
+            loss_ratio = as_measured(loss) / as_measured(self.F0)
+            self.tau = adacomm_tau(loss_ratio, lr_ratio, self.tau0, self.lr_power, self.tau_min, self.tau_max)
             self.next_update = step + self.interval_steps
 
     def state_dict(self) -> dict[str, Any]:
@@ -67,6 +82,7 @@ class AdaComm(SyncSchedule):
         return f"adacomm(tau0={self.tau0})"
 
 
+@SCHEDULES.add
 @dataclass
 class AdaCommConfig:
     """``schedule=adacomm`` (defaults unverified against the paper; see the module docstring)."""
@@ -77,6 +93,9 @@ class AdaCommConfig:
     lr_power: float = 1.0
     tau_min: int = 1
     tau_max: int | None = None
+
+    def build(self, run: RunInfo) -> SyncSchedule:
+        return AdaComm(self.tau0, self.interval_steps, self.lr_power, self.tau_min, self.tau_max)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         for key in ("tau0", "interval_steps", "tau_min"):

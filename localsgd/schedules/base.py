@@ -9,12 +9,29 @@ because most schedules change H over time (``shared/design/schedules.md`` §0).
 Every rank must reach the same decision from the same inputs: a schedule may depend only on the
 step, its config and values that were all-reduced (passed to :meth:`SyncSchedule.observe`). The
 engine's per-round fingerprint catches a violation before anything is averaged.
+
+Each schedule's config dataclass registers itself in :data:`SCHEDULES` under the name used in
+``configs/schedule/<name>.yaml`` and builds its schedule from a :class:`RunInfo` (``cfg.build(run)``).
 """
 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from ..registry import Registry
+
+
+@dataclass
+class RunInfo:
+    """What a schedule may know about the run when it is built (all equal on every rank)."""
+
+    total_local_steps: int
+    world_size: int
+    batch_size: int
+    first_lr_decay_step: int | None = None
+    local_world_size: int = 1
 
 
 class SyncSchedule(abc.ABC):
@@ -42,7 +59,13 @@ class SyncSchedule(abc.ABC):
         self.next_sync_step = step + self._checked_local_steps(self.sync_round)
 
     def observe(self, *, step: int, loss: float | None = None, lr: float | None = None) -> None:
-        """Receive all-reduced run-time signals (only adaptive schedules use them)."""
+        """Receive run-time signals at the sync that ended a round at ``step``, before :meth:`advance`.
+
+        ``loss`` is the training loss all-reduced over the round just finished. ``lr`` is the learning
+        rate the *next* round's first step will run at (after any decay due at this step), so a
+        schedule that sets the next H from ``lr`` (QSR, AdaComm) reacts to an LR drop in the very
+        round it begins, not one round late. Only adaptive schedules use these.
+        """
         return None
 
     def _checked_local_steps(self, round_index: int) -> int:
@@ -67,3 +90,6 @@ class SyncSchedule(abc.ABC):
 
     def describe(self) -> str:
         return self.name
+
+
+SCHEDULES: Registry[SyncSchedule | None] = Registry("schedule")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import SyncSchedule
+from .base import SCHEDULES, RunInfo, SyncSchedule
 
 
 class Fixed(SyncSchedule):
@@ -42,6 +42,7 @@ class OneShot(SyncSchedule):
         return "one_shot"
 
 
+@SCHEDULES.add
 @dataclass
 class FixedConfig:
     """``schedule=fixed``: average every ``H`` local steps."""
@@ -49,33 +50,24 @@ class FixedConfig:
     name: str = "fixed"
     H: int = 8
 
+    def build(self, run: RunInfo) -> SyncSchedule:
+        return Fixed(self.H)
+
     def problems(self):
         if self.H < 1:
             yield "H", self.H, "must be >= 1"
 
 
+@SCHEDULES.add
 @dataclass
 class OneShotConfig:
     """``schedule=one_shot``: average only at the end of training."""
 
     name: str = "one_shot"
 
+    def build(self, run: RunInfo) -> SyncSchedule:
+        return OneShot()
+
     def problems(self):
         return iter(())
 
-
-@dataclass
-class DDPConfig:
-    """``schedule=ddp``: the baseline, PyTorch DistributedDataParallel (gradient all-reduce each step)."""
-
-    name: str = "ddp"
-    bucket_cap_mb: float = 25.0
-    # DDP has no round boundary to carry a stop flag: every this many steps a 1-element MAX all-reduce
-    # lets a preemption signal seen by any rank stop all of them at the same step (ours).
-    stop_check_every: int = 10
-
-    def problems(self):
-        if self.bucket_cap_mb <= 0:
-            yield "bucket_cap_mb", self.bucket_cap_mb, "must be > 0"
-        if self.stop_check_every < 1:
-            yield "stop_check_every", self.stop_check_every, "must be >= 1"

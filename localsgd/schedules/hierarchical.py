@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import SyncSchedule
+from .base import SCHEDULES, RunInfo, SyncSchedule
 
 
 class Hierarchical(SyncSchedule):
@@ -42,6 +42,7 @@ class Hierarchical(SyncSchedule):
         return f"hierarchical(H_group={self.H_group}, H_global={self.H_global}, group_size={self.group_size})"
 
 
+@SCHEDULES.add
 @dataclass
 class HierarchicalConfig:
     """``schedule=hierarchical``: groups of ``group_size`` consecutive ranks (0 = one node each)."""
@@ -50,6 +51,9 @@ class HierarchicalConfig:
     H_group: int = 4
     H_global: int = 16
     group_size: int = 0  # 0: the workers of one node (torchrun's LOCAL_WORLD_SIZE)
+
+    def build(self, run: RunInfo) -> SyncSchedule:
+        return Hierarchical(self.H_group, self.H_global, self.group_size or run.local_world_size)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.H_group < 1:

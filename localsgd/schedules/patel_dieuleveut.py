@@ -4,10 +4,13 @@ After the t-th communication (t = 1, 2, …) workers run **N_t = ⌈N₁·t^β�
 round is truncated by the step budget, so Σ N_t covers it exactly and the round count C is the
 smallest with Σ_{t≤C} N_t ≥ T. With β = 1 and N₁ = 1, C(C+1)/2 ≥ T. The paper's exact N_t law is
 unverified (``shared/design/schedules.md`` §2.3): ``N1`` and ``beta`` are knobs with defaults 1.
+The ceiling is exact for N₁ and β as written (N₁ = 1.1 gives N_50 = 55, where binary floating point
+gave 56; :mod:`localsgd.schedules.exact`).
 
 ``adaptive`` (ours, after the paper's intuition that the allowed delay grows as the iterate nears the
 optimum): the next phase length grows in inverse proportion to the all-reduced training loss above a
-floor, N = clip(⌈N₁·(F₁ − F_floor)/(F_r − F_floor)⌉, N_min, N_max), never shrinking.
+floor, N = clip(⌈N₁·(F₁ − F_floor)/(F_r − F_floor)⌉, N_min, N_max), never shrinking; the loss gaps
+are read at 12 significant digits, so the ceiling is that of the decimals they stand for.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
-from .base import SyncSchedule
+from .base import SCHEDULES, RunInfo, SyncSchedule
+from .exact import as_exponent, as_measured, as_written, ceil_scaled_power
 
 
 class PatelDieuleveut(SyncSchedule):
@@ -32,7 +37,8 @@ class PatelDieuleveut(SyncSchedule):
         self.N1, self.beta, self.total_steps = N1, beta, total_steps
 
     def local_steps(self, round_index: int) -> int:
-        return max(1, math.ceil(self.N1 * (round_index + 1) ** self.beta))
+        t = Fraction(round_index + 1)
+        return max(1, ceil_scaled_power(as_written(self.N1), t, as_exponent(self.beta)))
 
     def rounds(self, total_steps: int | None = None) -> int:
         """Smallest C with Σ_{t≤C} N_t ≥ total steps (the last round truncated)."""
@@ -47,6 +53,9 @@ class PatelDieuleveut(SyncSchedule):
 
     def describe(self) -> str:
         return f"patel_dieuleveut(N1={self.N1:g}, beta={self.beta:g})"
+
+
+SMALLEST_GAP = Fraction(1, 10**12)  # a loss at or below the floor counts as this far above it
 
 
 class AdaptivePD(SyncSchedule):
@@ -68,10 +77,11 @@ class AdaptivePD(SyncSchedule):
     def observe(self, *, step: int, loss: float | None = None, lr: float | None = None) -> None:
         if loss is None:
             return
-        gap = max(loss - self.loss_floor, 1e-12)
+        # The gap in exact decimals: 0.6 − 0.5 is 0.1, where binary subtraction gives 0.09999999999999998.
+        gap = max(as_measured(loss) - as_written(self.loss_floor), SMALLEST_GAP)
         if self.first_gap is None:
-            self.first_gap = gap
-        proposed = math.ceil(self.N1 * self.first_gap / gap - 1e-9)  # 40.000000000000004 is 40
+            self.first_gap = float(gap)  # a float, so the checkpoint holds plain types
+        proposed = math.ceil(self.N1 * as_measured(self.first_gap) / gap)
         self.current = max(self.current, min(self.N_max, max(self.N_min, proposed)))
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,6 +95,7 @@ class AdaptivePD(SyncSchedule):
         return f"patel_dieuleveut_adaptive(N1={self.N1}, N_max={self.N_max})"
 
 
+@SCHEDULES.add
 @dataclass
 class PatelDieuleveutConfig:
     """``schedule=patel_dieuleveut``: N_t = ⌈N1·t^beta⌉, or ``adaptive: true`` for the loss-driven variant."""
@@ -96,6 +107,11 @@ class PatelDieuleveutConfig:
     N_min: int = 1
     N_max: int = 1024
     loss_floor: float = 0.0
+
+    def build(self, run: RunInfo) -> SyncSchedule:
+        if self.adaptive:
+            return AdaptivePD(max(1, round(self.N1)), self.N_min, self.N_max, self.loss_floor)
+        return PatelDieuleveut(self.N1, self.beta, run.total_local_steps)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if not self.N1 > 0:

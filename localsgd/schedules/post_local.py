@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import SyncSchedule
+from ..errors import ConfigError
+from .base import SCHEDULES, RunInfo, SyncSchedule
 
 
 class PostLocal(SyncSchedule):
@@ -38,6 +39,7 @@ class PostLocal(SyncSchedule):
         return f"post_local(switch={self.switch_step}, H={self.H})"
 
 
+@SCHEDULES.add
 @dataclass
 class PostLocalConfig:
     """``schedule=post_local``: ``switch_step=-1`` switches at the first LR decay."""
@@ -45,6 +47,15 @@ class PostLocalConfig:
     name: str = "post_local"
     H: int = 16
     switch_step: int = -1
+
+    def build(self, run: RunInfo) -> SyncSchedule:
+        switch = self.switch_step
+        if switch == -1:
+            if run.first_lr_decay_step is None:
+                raise ConfigError("schedule.switch_step=-1 switches at the first LR decay, but the optimizer has "
+                                  "none; set optimizer.lr_decay=step or an explicit schedule.switch_step")
+            switch = run.first_lr_decay_step
+        return PostLocal(switch, self.H)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.H < 1:

@@ -2,7 +2,9 @@
 
 Local SGD keeps mini-batch SGD's rate while H = O(√(T/(K·b))) (T local steps per worker, K workers,
 per-worker batch b), so we ship **H = max(1, ⌊c·√(T/(K·b))⌋)**, capped at ``H_max``, giving
-R = ⌈T/H⌉ ≈ √(T·K·b)/c rounds. The constant ``c`` (default 1) is ours, not the paper's.
+R = ⌈T/H⌉ ≈ √(T·K·b)/c rounds. The constant ``c`` (default 1) is ours, not the paper's. The floor
+is exact, with ``c`` the decimal as written (c = 0.29, T = 10⁴, K = b = 1 gives 29, where binary
+floating point gave 28; :mod:`localsgd.schedules.exact`).
 
 Optionally (``paper_lr: true``, strongly convex problems with known μ and L) the paper's Theorem 2.2
 step size **η_t = 4/(μ(a+t))** with shift **a = max(16κ, H)**, κ = L/μ, and its output, the weighted
@@ -15,15 +17,16 @@ one all-reduce at the end averages the sums, exactly (:class:`WeightedIterateAve
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
 
 from .. import dist
-from .base import SyncSchedule
+from .base import SCHEDULES, RunInfo, SyncSchedule
+from .exact import as_written, floor_root
 
 
 class Stich(SyncSchedule):
@@ -37,8 +40,7 @@ class Stich(SyncSchedule):
         if total_steps < 1 or workers < 1 or batch_size < 1 or c <= 0:
             raise ValueError("Stich needs total_steps, workers, batch_size >= 1 and c > 0")
         self.total_steps, self.workers, self.batch_size, self.c, self.H_max = total_steps, workers, batch_size, c, H_max
-        h = max(1, int(c * math.sqrt(total_steps / (workers * batch_size))))
-        self.H = min(h, H_max) if H_max else h
+        self.H = stich_period(total_steps, workers, batch_size, c, H_max)
 
     def local_steps(self, round_index: int) -> int:
         return self.H
@@ -52,6 +54,12 @@ class Stich(SyncSchedule):
 
     def describe(self) -> str:
         return f"stich(H={self.H})"
+
+
+def stich_period(total_steps: int, workers: int, batch_size: int, c: float = 1.0, H_max: int | None = None) -> int:
+    """H = max(1, ⌊c·√(T/(K·b))⌋), capped at ``H_max``; exact: c·√x = √(c²·x) for c > 0."""
+    h = max(1, floor_root(as_written(c) ** 2 * Fraction(total_steps, workers * batch_size), 2))
+    return min(h, H_max) if H_max else h
 
 
 def stich_lr(t: int, mu: float, a: float, numerator: float = 4.0) -> float:
@@ -100,6 +108,7 @@ class WeightedIterateAverage:
             acc.copy_(saved)
 
 
+@SCHEDULES.add
 @dataclass
 class StichConfig:
     """``schedule=stich``: H from T, K and b; ``c`` is a tuning constant (ours, default 1)."""
@@ -112,6 +121,9 @@ class StichConfig:
     L: float = 0.0  # smoothness constant (needed with paper_lr)
     lr_numerator: float = 4.0  # η_t = lr_numerator/(μ(a+t)); Theorem 2.2's 4, unverified (schedules.md §1.2)
     shift_kappa: float = 16.0  # a = max(shift_kappa·κ, H); Theorem 2.2's 16, unverified (schedules.md §1.2)
+
+    def build(self, run: RunInfo) -> SyncSchedule:
+        return Stich(run.total_local_steps, run.world_size, run.batch_size, self.c, self.H_max)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if not self.c > 0:
