@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,14 @@ from . import outer as outer_lib
 from . import ramps as ramp_lib
 from . import schedules as schedule_lib
 from .checkpoint import Checkpointer
+from .communicator import Communicator
 from .config import TrainConfig
+from .ddp import DDPBaseline
 from .engine import LocalSGD, SyncStats
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
+from .hooks import FaultHook, NoiseScaleProbe, StepHook, StichIterateAverage, overriding
 from .metrics import MetricsLog, Progress, Tracker, human_bytes, summary_table
 from .sampler import ShardSampler, ValidationShard
-from .schedules.stich import WeightedIterateAverage, stich_lr
-from .testing.faults import FaultInjector
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after committing a checkpoint; rerun to resume
 
@@ -61,10 +61,6 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     model = model_lib.build(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
-    first_decay = optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
-                                             getattr(cfg.optimizer, "decay_milestones", []))
-    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(tc.max_steps, world, tc.batch_size, first_decay,
-                                                                      dist.local_world_size()))
     plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
     validation = None  # a held-out shard per worker for plugins that tune on validation data (STN)
     if plugin.validation_fraction > 0:
@@ -72,47 +68,31 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         keep = validation.train_index.to(device)
         x_train, y_train = x_train[keep], y_train[keep]
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
-    step_model: nn.Module = model
-    ddp_comm = None
-    if schedule is None:  # the DDP baseline
-        if cfg.outer.name != "average":
-            raise ConfigError(f"outer={cfg.outer.name} needs local SGD; schedule=ddp averages gradients instead")
-        step_model, ddp_comm = wrap_ddp(model, cfg.schedule.bucket_cap_mb, cfg.schedule.stop_check_every)
-        sync = None
-    else:
-        sync = LocalSGD(model, plugin.optimizers, schedule, buffers=cfg.sync.buffers,
-                        optimizer_state=cfg.sync.optimizer_state, on_nonfinite=cfg.sync.on_nonfinite,
-                        max_skipped_rounds=cfg.sync.max_skipped_rounds, bucket_cap_mb=cfg.sync.bucket_cap_mb,
-                        extra_tensors=plugin.averaged_tensors(), config_hash=int(config_digest[:8], 16),
-                        outer=outer_lib.build(cfg.outer), agreement_check=cfg.sync.agreement_check,
-                        pre_average=plugin.pre_average)
+    comm, step_model = build_communicator(cfg, model, plugin, ramp, world, config_digest)
     sampler = ShardSampler(len(y_train), rank, world, tc.seed)
     # Different dropout/augmentation noise per rank, deterministic for the seed.
     seed_everything(tc.seed + 7919 * (rank + 1))
     ctx = optim_lib.StepContext(loss_fn=F.cross_entropy,
                                 next_val_batch=validation.next_batch if validation is not None else None)
-    noise = NoiseScaleProbe(cfg.ramp, ramp, world) if cfg.ramp.name == "noise_scale" else None
-    stich = None  # Stich's step size and weighted iterate average (schedule=stich, paper_lr=true)
-    if cfg.schedule.name == "stich" and cfg.schedule.paper_lr:
-        a = schedule.shift(cfg.schedule.mu, cfg.schedule.L, cfg.schedule.shift_kappa)  # type: ignore[union-attr]
-        stich = WeightedIterateAverage(sync.param_buffers(), a)  # type: ignore[union-attr]
+    start_step = 0
+    faults = FaultHook()
+    hooks = [*build_hooks(cfg, ramp, comm, world, lambda: start_step >= tc.max_steps), faults]
     dist.set_timeout(cfg.comm.train_timeout_s)
 
     # ---- outputs and resume
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_latest_k,
                         cfg.checkpoint.fallback)
-    start_step, wall_before, wandb_id = 0, 0.0, None
-    # Per-rank state beyond the engine's, checkpointed and restored by name.
-    extra_state: dict[str, Any] = {k: v for k, v in (("ramp", ramp), ("noise_scale", noise), ("stich", stich),
-                                                     ("validation", validation))
-                                   if v is not None}
+    wall_before, wandb_id = 0.0, None
+    # Per-rank state beyond the communicator's, checkpointed and restored by name.
+    extra_state: dict[str, Any] = {"ramp": ramp, **({"validation": validation} if validation is not None else {}),
+                                   **{h.name: h for h in hooks if hasattr(h, "state_dict")}}
     if cfg.checkpoint.resume:
         found = ckpt.find_latest()
         if found is not None:
             check_resumable(found.manifest, world, config_items)
             model_state, rank_state = ckpt.load(found)
-            restore(model, plugin, sync, sampler, model_state, rank_state, ddp_comm)
+            restore(model, plugin, comm, sampler, model_state, rank_state)
             for key, component in extra_state.items():
                 component.load_state_dict(rank_state[key])
             start_step, wall_before = found.step, float(found.manifest.get("wall_seconds", 0.0))
@@ -122,58 +102,47 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                       cfg.logging.group, cfg.logging.name, wandb_id)
     metrics.write({"event": "start", "step": start_step, "world_size": world, "backend": dist.backend(),
                    "restart_count": dist.restart_count(), "resumed": start_step > 0})
-    faults = FaultInjector()
-    install_preemption_handler(sync if sync is not None else ddp_comm)
-
-    def stats() -> SyncStats:
-        return sync.stats if sync is not None else ddp_comm.stats  # type: ignore[union-attr]
+    install_preemption_handler(comm)
 
     def save(step: int) -> None:
         if not cfg.checkpoint.enable:
             return
         meta = {"config": config_items, "config_sha256": config_digest, "wandb_id": tracker.run_id,
                 "restart_count": dist.restart_count(), "torch": torch.__version__,
-                "wall_seconds": wall_before + time.perf_counter() - t_start, "schedule": describe(sync)}
-        rank_state = rank_checkpoint(step, model, plugin, sync, sampler, ddp_comm, cfg.sync.buffers == "local")
+                "wall_seconds": wall_before + time.perf_counter() - t_start, "schedule": comm.describe()}
+        rank_state = rank_checkpoint(step, model, plugin, comm, sampler, cfg.sync.buffers == "local")
         rank_state.update({key: component.state_dict() for key, component in extra_state.items()})
         ckpt.save(step, model.state_dict() if dist.is_main() else {}, rank_state, meta,
                   fault_hook=lambda stage: faults.during_save(step, stage))
 
-    # ---- the loop: local steps, with the engine averaging when the schedule says so
+    # ---- the loop: draw a batch, one local step, the communicator, then log / evaluate / checkpoint
+    before_step, after_step, records = (overriding(hooks, m) for m in ("before_step", "after_step", "record"))
     progress = Progress(tc.max_steps, start_step, tc.progress)
     window: list[optim_lib.StepOutput] = []  # reduced only when logged: no per-step host sync
-    # Linear LR scaling with the current batch (Goyal et al.), except for Smith's ramp, whose point is
-    # to grow the batch *instead of* changing the LR (it sets its own LR factor once b_max is hit).
-    couple_lr = tc.lr_batch_coupling and cfg.ramp.name != "smith"
-    batch_size, constant_batch = tc.batch_size, cfg.ramp.name == "none"
+    batch_size = tc.batch_size
     for step in range(start_step, tc.max_steps):
-        if not constant_batch:
+        if not ramp.constant:
             batch_size = ramp.batch_size(step)
-            ctx.lr_scale = ramp.lr_factor(step) * (batch_size / tc.batch_size if couple_lr else 1.0)
-        if noise is not None:  # the first local step after a sync: every replica is at the same point
-            ctx.after_backward = noise.hook(step, batch_size) if noise.due(sync) else None
-        if stich is not None:
-            stich.accumulate(sync.param_buffers(), step)  # type: ignore[union-attr]
-            ctx.lr_override = stich_lr(step, cfg.schedule.mu, stich.a, cfg.schedule.lr_numerator)
+            ctx.lr_scale = ramp.lr_scale(step, batch_size, tc.batch_size, tc.lr_batch_coupling)
+        for hook in before_step:
+            hook(step, batch_size, ctx)
         batch = None  # a step without training data (STN's hyper steps) must not advance the data stream
         if plugin.uses_train_batch(step):
             idx = sampler.next_indices(batch_size)
             batch = (x_train[idx], y_train[idx])
         out = plugin.train_step(step_model, batch, step, ctx)
-        faults.after_step(step + 1, model)
-        if sync is not None:
-            synced = sync.step(loss=out.loss)
-        else:
-            synced = ddp_comm.step()  # type: ignore[union-attr]
-        window.append(out)
         done = step + 1
+        for hook in after_step:
+            hook(done, model)
+        synced = comm.step(loss=out.loss)
+        window.append(out)
         if done % tc.log_every == 0 or done == tc.max_steps:
             record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
                       "accuracy": window_accuracy(window),
                       "lr": ctx.lr_override or plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
-                      "samples": sampler.samples_seen * world, **comm_record(stats())}
-            if noise is not None:
-                record["b_simple"] = noise.last_b_simple
+                      "samples": sampler.samples_seen * world, **comm_record(comm.stats)}
+            for hook_record in records:
+                record.update(hook_record())
             record.update(plugin.log_values())
             metrics.write(record)
             tracker.log({k: v for k, v in record.items() if k != "event"}, step=done)
@@ -181,42 +150,42 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                             rounds=str(record["comm_rounds"]), comm=human_bytes(record["comm_bytes"]))
             window.clear()
         if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
-            ev = evaluate_averaged(model, sync, x_test, y_test, tc.eval_batch_size)
+            ev = evaluate_averaged(model, comm, x_test, y_test, tc.eval_batch_size)
             metrics.write({"event": "eval", "step": done, **ev})
             tracker.log(ev, step=done)
         # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
         # They come after this step's records, so a crash after the commit loses no record and a crash
         # before it leaves records that the resume truncates and writes again.
-        if synced and (sync is None or sync.in_sync) and stats().rounds % cfg.checkpoint.every_rounds == 0:
+        if synced and comm.in_sync and comm.stats.rounds % cfg.checkpoint.every_rounds == 0:
             save(done)
-        if (sync if sync is not None else ddp_comm).stop_agreed:  # type: ignore[union-attr]
+        if comm.stop_agreed:
             save(done)
             metrics.write({"event": "preempted", "step": done})
             raise SystemExit(REQUEUE_EXIT_CODE)
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
-    if sync is not None:
-        sync.finalize()
-    if stich is not None and start_step < tc.max_steps:  # the output is x̂_T, not the last iterate
-        sync.stats.bytes += stich.finalize_into(sync.param_buffers())  # type: ignore[union-attr]
+    comm.finalize()
+    for hook in hooks:
+        hook.finish(comm)
     final_step = max(start_step, tc.max_steps)
-    ev = evaluate_averaged(model, sync, x_test, y_test, tc.eval_batch_size)
+    ev = evaluate_averaged(model, comm, x_test, y_test, tc.eval_batch_size)
     if cfg.checkpoint.enable and start_step < tc.max_steps:
         save(final_step)
     progress.close()
-    s = stats()
+    s = comm.stats
     summary = {
         "final_eval_loss": ev["eval_loss"], "final_eval_accuracy": ev["eval_accuracy"],
         "steps": final_step, "samples": sampler.samples_seen * world,
         "comm_rounds": s.rounds, "comm_bytes": s.bytes, "comm_seconds": s.seconds,
         "comm_check_bytes": s.check_bytes, "comm_skipped_rounds": s.skipped_rounds,
         "wall_seconds": wall_before + time.perf_counter() - t_start,
-        "world_size": world, "backend": dist.backend(), "schedule": describe(sync),
+        "world_size": world, "backend": dist.backend(), "schedule": comm.describe(),
         "optimizer": cfg.optimizer.name, "data": cfg.data.name, "model": cfg.model.name,
         "outer": cfg.outer.name, "ramp": ramp.describe(), "final_batch_size": ramp.batch_size(final_step - 1),
-        "noise_scale_bytes": 0 if noise is None else noise.bytes,
-        "restart_count": dist.restart_count(), "run_dir": str(run_dir),
+        "noise_scale_bytes": 0, "restart_count": dist.restart_count(), "run_dir": str(run_dir),
     }
+    for hook in hooks:
+        summary.update(hook.summary())
     metrics.write({"event": "final", "step": final_step, **summary})
     tracker.log({f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float)}, step=final_step)
     tracker.finish()
@@ -224,6 +193,46 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         write_json_atomic(run_dir / "summary.json", summary)
         print(f"\nrun directory: {run_dir}\n{summary_table(summary)}", flush=True)
     return summary
+
+
+# ---------------------------------------------------------------------- building the communicator and hooks
+def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.OptimizerPlugin, ramp: Any,
+                       world: int, config_digest: str) -> tuple[Communicator, nn.Module]:
+    """Local SGD on the configured schedule, or the DDP baseline (``schedule=ddp``); returns the
+    communicator and the module the optimizer plugin trains through."""
+    tc = cfg.trainer
+    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(
+        tc.max_steps, world, tc.batch_size,
+        optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
+                                   getattr(cfg.optimizer, "decay_milestones", [])),
+        dist.local_world_size()))
+    if schedule is None:  # the DDP baseline averages gradients, not parameters
+        ddp = DDPBaseline(model, cfg.schedule.bucket_cap_mb, cfg.schedule.stop_check_every)
+        return ddp, ddp.step_model
+
+    def next_lr(step: int) -> float:  # the rate local step ``step`` will run at (adaptive schedules decide on it)
+        return plugin.lr(step) * ramp.lr_scale(step, ramp.batch_size(step), tc.batch_size, tc.lr_batch_coupling)
+
+    s = cfg.sync
+    sync = LocalSGD(model, plugin.optimizers, schedule, buffers=s.buffers, optimizer_state=s.optimizer_state,
+                    on_nonfinite=s.on_nonfinite, max_skipped_rounds=s.max_skipped_rounds,
+                    bucket_cap_mb=s.bucket_cap_mb, extra_tensors=plugin.averaged_tensors(),
+                    config_hash=int(config_digest[:8], 16), outer=outer_lib.build(cfg.outer),
+                    agreement_check=s.agreement_check, pre_average=plugin.pre_average, next_lr=next_lr)
+    return sync, model
+
+
+def build_hooks(cfg: TrainConfig, ramp: Any, comm: Communicator, world: int, finished: Any) -> list[StepHook]:
+    """The step hooks the chosen components ask for, by capability (combinations they cannot serve,
+    such as ramp=noise_scale at one worker, were refused by ``config.check_config`` before start)."""
+    hooks: list[StepHook] = []
+    if ramp.observes_noise_scale:
+        hooks.append(NoiseScaleProbe(cfg.ramp, ramp, world, comm))
+    sc = cfg.schedule
+    if getattr(sc, "paper_lr", False):  # Stich's step size and weighted iterate average
+        a = comm.schedule.shift(sc.mu, sc.L, sc.shift_kappa)  # type: ignore[attr-defined]
+        hooks.append(StichIterateAverage(comm, a, sc.mu, sc.lr_numerator, finished))
+    return hooks
 
 
 # ---------------------------------------------------------------------- helpers of the loop
@@ -240,10 +249,6 @@ def window_accuracy(window: list[optim_lib.StepOutput]) -> float:
     logits = torch.cat([o.logits for o in window])  # type: ignore[misc]
     targets = torch.cat([o.targets for o in window])  # type: ignore[misc]
     return float((logits.argmax(dim=1) == targets).double().mean())
-
-
-def describe(sync: LocalSGD | None) -> str:
-    return "ddp" if sync is None else sync.schedule.describe()
 
 
 def comm_record(s: SyncStats) -> dict[str, Any]:
@@ -270,11 +275,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
 
 
-def evaluate_averaged(model: nn.Module, sync: LocalSGD | None, x: torch.Tensor, y: torch.Tensor,
+def evaluate_averaged(model: nn.Module, comm: Communicator, x: torch.Tensor, y: torch.Tensor,
                       batch_size: int) -> dict[str, float]:
-    if sync is None:
-        return evaluate(model, x, y, batch_size)
-    with sync.averaged():
+    with comm.averaged():
         return evaluate(model, x, y, batch_size)
 
 
@@ -303,23 +306,22 @@ def _tupled(value: Any) -> Any:
     return tuple(_tupled(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def rank_checkpoint(step: int, model: nn.Module, plugin: optim_lib.OptimizerPlugin, sync: LocalSGD | None,
-                    sampler: ShardSampler, ddp_comm: Any, local_buffers: bool) -> dict[str, Any]:
+def rank_checkpoint(step: int, model: nn.Module, plugin: optim_lib.OptimizerPlugin, comm: Communicator,
+                    sampler: ShardSampler, local_buffers: bool) -> dict[str, Any]:
     state: dict[str, Any] = {"step": step, "optimizer": plugin.state_dict(), "sampler": sampler.state_dict(),
-                             "rng": rng_state()}
-    state["engine"] = sync.state_dict() if sync is not None else ddp_comm.state_dict()
+                             "rng": rng_state(), "engine": comm.state_dict()}
     if local_buffers:
         state["buffers"] = {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
     return state
 
 
-def restore(model: nn.Module, plugin: optim_lib.OptimizerPlugin, sync: LocalSGD | None, sampler: ShardSampler,
-            model_state: dict[str, Any], rank_state: dict[str, Any], ddp_comm: Any) -> None:
+def restore(model: nn.Module, plugin: optim_lib.OptimizerPlugin, comm: Communicator, sampler: ShardSampler,
+            model_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
     model.load_state_dict(model_state)  # copies into the engine's flat views in place
     if "buffers" in rank_state:
         model.load_state_dict({**model.state_dict(), **rank_state["buffers"]})
     plugin.load_state_dict(rank_state["optimizer"])
-    (sync if sync is not None else ddp_comm).load_state_dict(rank_state["engine"])
+    comm.load_state_dict(rank_state["engine"])
     sampler.load_state_dict(rank_state["sampler"])
     set_rng_state(rank_state["rng"])
 
@@ -351,7 +353,7 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def install_preemption_handler(stopper: LocalSGD | DDPComm) -> None:
+def install_preemption_handler(stopper: Communicator) -> None:
     """SIGTERM/SIGUSR1 ask to stop; all ranks agree at the next sync (DDP: the next stop check),
     checkpoint and exit 75."""
 
@@ -364,102 +366,3 @@ def install_preemption_handler(stopper: LocalSGD | DDPComm) -> None:
         except ValueError:  # not the main thread (e.g. inside a test runner thread)
             pass
     return None
-
-
-# ---------------------------------------------------------------------- noise-scale measurement
-class NoiseScaleProbe:
-    """McCandlish et al. (arXiv 1812.06162, App. A.1) two-batch estimate at a common point.
-
-    Right after a sync all replicas hold the same parameters, so at the first local step of every
-    ``measure_every_rounds``-th round each worker's gradient (batch b) and the all-reduced mean
-    gradient (batch K·b) are the two batches of the estimator. One extra all-reduce of one gradient
-    (plus its squared norm) per measurement, counted in ``bytes``.
-    """
-
-    def __init__(self, cfg: Any, ramp: ramp_lib.BatchRamp, world: int) -> None:
-        if world < 2:
-            raise ConfigError("ramp=noise_scale needs >= 2 workers (the big batch is the all-reduced gradient)")
-        self.ramp, self.world, self.every = ramp, world, cfg.measure_every_rounds
-        self.estimator = ramp_lib.NoiseScaleEstimator(1, world, ema=cfg.ema, discard_first=cfg.warmup_measurements)
-        self.bytes = 0
-        self.last_b_simple = float("nan")
-
-    def due(self, sync: LocalSGD | None) -> bool:
-        return sync is not None and sync.in_sync and sync.stats.rounds % self.every == 0
-
-    def hook(self, step: int, batch_size: int) -> Any:
-        def measure(model: nn.Module) -> None:
-            grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
-            flat = torch.cat(grads).double()
-            buf = torch.cat([flat, flat.pow(2).sum().reshape(1)])
-            dist.all_reduce_sum_(buf, what="noise-scale gradient all-reduce")
-            self.bytes += buf.numel() * buf.element_size()
-            small = float(buf[-1]) / self.world  # mean over workers of |g_k|^2 (lower variance)
-            big = float((buf[:-1] / self.world).pow(2).sum())
-            self.estimator.update(small, big, b_small=batch_size, b_big=self.world * batch_size)
-            self.last_b_simple = self.estimator.b_simple()
-            self.ramp.observe_noise_scale(self.last_b_simple, step)
-
-        return measure
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"estimator": self.estimator.state_dict(), "bytes": self.bytes}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.estimator.load_state_dict(state["estimator"])
-        self.bytes = int(state["bytes"])
-
-
-# ---------------------------------------------------------------------- the DDP baseline
-@dataclass
-class DDPComm:
-    """Communication accounting for DistributedDataParallel, via a counting comm hook."""
-
-    stats: SyncStats
-    stop_check_every: int = 10
-    local_step: int = 0
-    stop_requested: bool = False  # set by the preemption handler on this rank
-    stop_agreed: bool = False  # some rank asked to stop, known to all at the same step
-
-    def step(self) -> bool:
-        self.local_step += 1
-        self.stats.rounds += 1
-        if self.local_step % self.stop_check_every == 0:
-            flag = torch.tensor([float(self.stop_requested)], device=dist.device())
-            dist.all_reduce_max_(flag, what="DDP preemption check")
-            self.stats.check_bytes += flag.element_size()
-            self.stop_agreed = bool(flag.item() > 0)
-        return True
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"local_step": self.local_step, "stats": self.stats.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.local_step = int(state["local_step"])
-        self.stats.load_state_dict(state["stats"])
-
-
-def wrap_ddp(model: nn.Module, bucket_cap_mb: float, stop_check_every: int = 10) -> tuple[nn.Module, DDPComm]:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    comm = DDPComm(SyncStats(), stop_check_every)
-    device = dist.device()
-    device_ids = [device.index] if device.type == "cuda" else None
-    ddp = DDP(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
-    world = dist.world_size()
-
-    # DDP inspects the hook's annotations; leave them off (they would be strings here).
-    def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
-        tensor = bucket.buffer()
-        state.stats.bytes += tensor.numel() * tensor.element_size()
-        begin = time.perf_counter()
-        work = torch.distributed.all_reduce(tensor, async_op=True)
-
-        def finish(fut):  # type: ignore[no-untyped-def]
-            state.stats.seconds += time.perf_counter() - begin
-            return fut.value()[0].div_(world)
-
-        return work.get_future().then(finish)
-
-    ddp.register_comm_hook(comm, counting_allreduce)
-    return ddp, comm

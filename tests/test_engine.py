@@ -191,3 +191,26 @@ def test_layout_is_not_rebuilt_when_the_check_group_is_not_launched_last() -> No
         sync.step()
     sync.finalize()  # in sync: only the layout check runs
     assert sync.layout.version == version and sync.fused_check_active
+
+
+def test_adaptive_schedule_decides_from_the_rate_the_next_round_runs_at() -> None:
+    """QSR (H = max(H_base, floor((alpha/lr)^2))) with a 10x LR drop due at local step 8: the round
+    that starts at the sync after step 8 runs at the dropped rate, so its length must come from it
+    (syncs 4, 8, then 8 + 100), not one round late from the rate of step 8 itself (which gives 8+4)."""
+    from localsgd.schedules import QSR
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def rate(step: int) -> float:  # the rate local step ``step`` (0-based) runs at
+        return 0.1 if step < 8 else 0.01
+
+    for next_lr, want in ((rate, [4, 8, 108]), (None, [4, 8, 12])):
+        sync = localsgd.LocalSGD(model, opt, schedule=QSR(H_base=4, alpha=0.1), next_lr=next_lr)
+        synced = []
+        for step in range(110):
+            for g in opt.param_groups:
+                g["lr"] = rate(step)  # the trainer sets each step's rate before it runs
+            if sync.step():
+                synced.append(step + 1)
+        assert synced[:3] == want
