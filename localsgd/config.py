@@ -1,29 +1,33 @@
-"""Typed configs: dataclasses in Hydra's ConfigStore are the source of truth; YAML only selects.
+"""Typed configs: dataclasses in Hydra's ConfigStore are the source of truth; YAML only selects and overrides.
 
 The root :class:`TrainConfig` has one field per config group (``data``, ``model``, ``optimizer``,
 ``schedule``, ``outer``, ``ramp``, ``trainer``, ``logging``, ``checkpoint``) plus the ``sync`` and
 ``comm`` sections. Polymorphic groups (data, model, optimizer, schedule, outer, ramp) take the
-dataclass of the chosen registry entry, stored as ``<group>/<name>_schema`` and extended by
-``configs/<group>/<name>.yaml``.
+dataclass of the chosen registry entry, stored at the ConfigStore's root as ``<group>_<name>_schema``
+(:func:`schema_name`) and extended by ``configs/<group>/<name>.yaml``, which states only what differs
+from the dataclass's defaults.
 
 Validation happens before any process group exists (``conventions.md`` §5.2, ``reliability.md`` T8):
 Hydra rejects wrong types and unknown keys; :func:`check_config` additionally rejects keys that
-``+key=value`` forced in (Hydra accepts them) and values out of range, naming the full key and the
-value of each problem.
+``+key=value`` forced in (Hydra accepts them), values out of range (each dataclass's ``problems()``)
+and choices that are valid alone but not together (:func:`combination_problems`, the one place for
+checks across components, including those that need the launch's world size), naming the full key
+and the value of each problem.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from . import dist
 from .errors import ConfigError
 
 
@@ -165,15 +169,20 @@ def _registries() -> dict[str, Any]:
 def run_id() -> str:
     """A run name every rank of one launch computes alike (Hydra's ``${now:}`` is per process).
 
-    torchrun gives all ranks (and restarts) the same ``TORCHELASTIC_RUN_ID``; Slurm the job id.
+    The launcher's id (torchrun's run id or the Slurm job's, :func:`localsgd.dist.launch_id`), else the time.
     """
-    rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if rid and rid != "none":
-        return rid if len(rid) <= 16 else rid[:8]
-    job = os.environ.get("SLURM_JOB_ID")
-    if job:
-        return f"slurm-{job}"
-    return time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{int(time.time() * 1e6) % 1_000_000:06d}"
+    return dist.launch_id() or time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{int(time.time() * 1e6) % 1_000_000:06d}"
+
+
+def schema_name(group: str, name: str) -> str:
+    """The ConfigStore name of a component's dataclass, which ``configs/<group>/<name>.yaml`` extends.
+
+    Schemas sit at the store's root, outside every group: Hydra lists each group with its options in
+    ``--help`` (a ``schema/<group>`` group as well) and in its "Available options" errors, and a
+    schema stored in its group could be selected bare (``<group>=<name>_schema``). A root-level
+    config is neither listed nor a group option; the YAML file names it by its absolute path.
+    """
+    return f"{group}_{name}_schema"
 
 
 def register_configs() -> None:
@@ -184,7 +193,7 @@ def register_configs() -> None:
     cs.store(name="localsgd_schema", node=TrainConfig)
     for group, registry in _registries().items():
         for entry in registry.entries():
-            cs.store(group=group, name=f"{entry.name}_schema", node=entry.config_cls)
+            cs.store(name=schema_name(group, entry.name), node=entry.config_cls)
     if not OmegaConf.has_resolver("localsgd_run_id"):
         OmegaConf.register_new_resolver("localsgd_run_id", run_id, use_cache=True)
 
@@ -202,8 +211,12 @@ def _unknown_keys(node: Any, schema: type, prefix: str) -> Iterator[str]:
             yield from _unknown_keys(child, child_type, full + ".")
 
 
-def check_config(cfg: DictConfig) -> TrainConfig:
-    """Reject unknown keys and out-of-range values; return the typed config object."""
+def check_config(cfg: DictConfig, world_size: int | None = None, local_world_size: int | None = None) -> TrainConfig:
+    """Reject unknown keys, out-of-range values and choices that do not go together; return the typed config.
+
+    Runs before any process group exists: the launch's size comes from the launcher's environment
+    (:func:`localsgd.dist.read_env`, :func:`localsgd.dist.local_world_size`) unless given.
+    """
     cfg = cfg.copy()
     with_hydra = "hydra" in cfg
     if with_hydra:
@@ -230,19 +243,169 @@ def check_config(cfg: DictConfig) -> TrainConfig:
         value = getattr(obj, section.name)
         if hasattr(value, "problems"):
             problems += [f"{section.name}.{k}={v!r}: {why}" for k, v, why in value.problems()]
-    problems += list(_combination_problems(obj))
+    launch = Launch(dist.read_env().world_size if world_size is None else world_size,
+                    dist.local_world_size() if local_world_size is None else local_world_size)
+    problems += list(combination_problems(obj, launch))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return obj
 
 
-def _combination_problems(obj: TrainConfig) -> Iterator[str]:
-    """Choices that are valid alone but not together."""
-    decay = getattr(obj.optimizer, "lr_decay", "none")
-    if obj.ramp.name == "smith" and decay != "none":
+# ---------------------------------------------------------------------- checks across components
+@dataclass(frozen=True)
+class Launch:
+    """What the launcher says of the job before any process group starts."""
+
+    world_size: int  # workers in all
+    local_world_size: int = 1  # workers on this node
+
+
+def combination_problems(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    """Choices that are valid alone but not together, each naming its key and value and what to do.
+
+    The one place for checks that look at more than one component (or at the launch); each
+    dataclass's ``problems()`` checks its own values. The builders and the worker loop keep their
+    own guards for callers outside ``localsgd.train``; here the same conditions fail before any
+    process group, data or model exists.
+    """
+    for rule in COMBINATION_RULES:
+        yield from rule(cfg, launch)
+
+
+def _smith_ramp_and_lr_decay(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    decay = getattr(cfg.optimizer, "lr_decay", "none")
+    if cfg.ramp.name == "smith" and decay != "none":
         # Smith et al. grow the batch *instead of* decaying the LR; both would shrink the noise twice.
         yield (f"optimizer.lr_decay={decay!r}: ramp=smith replaces the LR decay by batch growth; "
                "set optimizer.lr_decay=none (the ramp decays the LR itself once the batch reaches b_max)")
+
+
+def _ddp_baseline(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    """schedule=ddp all-reduces gradients at every backward pass: there is no model average to act on."""
+    if cfg.schedule.name != "ddp":
+        return
+    if cfg.outer.name != "average":
+        yield (f"outer.name={cfg.outer.name!r}: an outer optimizer steps on the workers' model average, "
+               "and schedule=ddp averages gradients instead; choose outer=average with schedule=ddp, or a "
+               "local-SGD schedule (e.g. schedule=fixed)")
+    if cfg.optimizer.name == "stn":
+        yield ("optimizer.name='stn': its local step takes several backward passes, which schedule=ddp's "
+               "gradient all-reduce cannot follow; choose a local-SGD schedule (e.g. schedule=fixed)")
+    if cfg.ramp.name == "noise_scale":
+        yield ("ramp.name='noise_scale': it measures the gradient noise at the first local step after a "
+               "model average, and schedule=ddp has none, so the batch would never grow; choose a "
+               "local-SGD schedule (e.g. schedule=fixed) or a ramp that needs no measurement "
+               "(e.g. ramp=geometric)")
+
+
+def _noise_scale_workers(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    if cfg.ramp.name == "noise_scale" and launch.world_size < 2:
+        yield (f"ramp.name='noise_scale': needs >= 2 workers (the big batch is the all-reduced gradient), "
+               f"this launch has world size {launch.world_size}; launch with torchrun --nproc_per_node=2 "
+               "or more, or choose another ramp")
+
+
+def _ramp_and_batch_size(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    """A ramp starts at trainer.batch_size and never shrinks the batch."""
+    b0 = cfg.trainer.batch_size
+    b_max = getattr(cfg.ramp, "b_max", None)
+    if b_max is not None and b_max < b0:
+        yield (f"ramp.b_max={b_max}: is below the starting batch trainer.batch_size={b0}; "
+               "raise ramp.b_max or lower trainer.batch_size")
+    if cfg.ramp.name == "linear" and cfg.ramp.b_start is None and cfg.ramp.b_end < b0:
+        yield (f"ramp.b_end={cfg.ramp.b_end}: is below the starting batch trainer.batch_size={b0} "
+               "(ramp.b_start=null starts there) and the batch never shrinks; raise ramp.b_end or set ramp.b_start")
+
+
+def _post_local_switch(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    from .optim import first_decay_step
+
+    if cfg.schedule.name != "post_local" or cfg.schedule.switch_step != -1:
+        return
+    decay = getattr(cfg.optimizer, "lr_decay", "none")
+    milestones = list(getattr(cfg.optimizer, "decay_milestones", []))
+    if first_decay_step(decay, cfg.trainer.max_steps, milestones) is None:
+        which = "optimizer.decay_milestones=[]" if decay == "step" else f"optimizer.lr_decay={decay!r}"
+        yield (f"schedule.switch_step=-1: switches at the first LR decay, but {which} has none; "
+               "set optimizer.lr_decay=step (with optimizer.decay_milestones) or an explicit schedule.switch_step")
+
+
+def _hierarchical_groups(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    if cfg.schedule.name != "hierarchical":
+        return
+    given = cfg.schedule.group_size
+    size = given or launch.local_world_size
+    if launch.world_size % size:
+        what = f"group size {size}" if given else f"group size {size} (0: the workers of one node)"
+        yield (f"schedule.group_size={given}: world size {launch.world_size} is not a multiple of the {what}; "
+               "set schedule.group_size to a divisor of the world size")
+
+
+def _metz_model(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    if cfg.optimizer.name != "metz_unsupervised":
+        return
+    need = ("optimizer=metz_unsupervised needs model=mlp with at least one hidden layer "
+            "(e.g. model=mlp model.hidden=[64,64,32]); the rule updates the hidden layers")
+    if cfg.model.name != "mlp":
+        yield f"model.name={cfg.model.name!r}: {need}"
+    elif not list(cfg.model.hidden):
+        yield f"model.hidden=[]: {need}"
+
+
+# The dimensions of one input (without the batch) that each dataset gives and each model takes (models
+# not listed flatten any input), and whether a model has activation modules (nn.ReLU, ...) after which
+# optimizer=stn can put tuned dropout. Stated here for the rules below, before any data is loaded or
+# model built; tests/test_config_combinations.py checks them against the builders.
+DATA_INPUT_DIMS = {"mnist1d": 2, "digits": 1, "breast_cancer": 1, "synthetic_logreg": 1, "cifar10": 3}
+MODEL_INPUT_DIMS = {"cnn1d": (1, 2), "resnet20": (3,)}
+_SHAPES = {1: "(features,)", 2: "(C, L)", 3: "(C, H, W)"}
+
+
+def has_activation_modules(model: Any) -> bool:
+    """Whether the model ``model`` (a model config) builds has activation modules for STN's dropout."""
+    if model.name == "mlp":
+        return bool(list(model.hidden))
+    return model.name == "cnn1d"
+
+
+def _model_and_data(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    dims = DATA_INPUT_DIMS.get(cfg.data.name)
+    takes = MODEL_INPUT_DIMS.get(cfg.model.name)
+    if dims is None or takes is None or dims in takes:
+        return
+    fits = [m for m in _registries()["model"].names() if dims in MODEL_INPUT_DIMS.get(m, (dims,))]
+    yield (f"model.name={cfg.model.name!r}: takes inputs shaped {_either([_SHAPES[d] for d in takes])}, and "
+           f"data={cfg.data.name} gives {_SHAPES[dims]}; choose model={_either(fits)}")
+
+
+def _either(words: list[str]) -> str:
+    return " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _stn_model(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    if cfg.optimizer.name != "stn" or "dropout" not in list(cfg.optimizer.tune):
+        return
+    dropout = getattr(cfg.model, "dropout", 0.0)
+    if dropout > 0:
+        yield (f"model.dropout={dropout!r}: optimizer=stn tunes the dropout rate (optimizer.tune has dropout), "
+               "so the model's fixed dropout must be 0; set model.dropout=0.0 or remove dropout from optimizer.tune")
+    if not has_activation_modules(cfg.model):
+        key, value = ("model.hidden", []) if cfg.model.name == "mlp" else ("model.name", cfg.model.name)
+        yield (f"{key}={value!r}: optimizer=stn puts tuned dropout after the model's activation modules, and "
+               "this model has none; choose model=cnn1d or an mlp with hidden layers, or remove dropout "
+               "from optimizer.tune")
+
+
+def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    if cfg.comm.backend == "nccl" and not torch.cuda.is_available():
+        yield ("comm.backend='nccl': needs CUDA, which is not available on this machine; use comm.backend=auto "
+               "(nccl with CUDA, else gloo) or comm.backend=gloo")
+
+
+COMBINATION_RULES: tuple[Callable[[TrainConfig, Launch], Iterator[str]], ...] = (
+    _smith_ramp_and_lr_decay, _ddp_baseline, _noise_scale_workers, _ramp_and_batch_size, _post_local_switch,
+    _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _backend,
+)
 
 
 class _open:

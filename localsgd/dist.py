@@ -371,3 +371,18 @@ def restart_count() -> int:
 def local_world_size() -> int:
     """Workers on this node (torchrun's LOCAL_WORLD_SIZE, Slurm's tasks per node, else 1)."""
     return _int_env("LOCAL_WORLD_SIZE") or _int_env("SLURM_NTASKS_PER_NODE") or 1
+
+
+def launch_id() -> str | None:
+    """An id that every rank of one launch, and every restart of it, reads alike; None without a launcher.
+
+    torchrun gives all ranks (and restarts) the same ``TORCHELASTIC_RUN_ID`` (cut to its first 8
+    characters when longer than 16, e.g. a uuid); Slurm the job id, as ``slurm-<id>``.
+    """
+    rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if rid and rid != "none":
+        return rid if len(rid) <= 16 else rid[:8]
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"slurm-{job}"
+    return None

@@ -29,6 +29,37 @@ def config_dir() -> str:
     return os.environ.get("LOCALSGD_CONFIG_DIR") or str(Path(__file__).resolve().parent.parent / "configs")
 
 
+def unknown_option(args: list[str], configs: Path) -> str | None:
+    """A one-line error for a ``group=option`` override naming no ``configs/<group>/<option>.yaml``.
+
+    Hydra refuses it as well, over a dozen lines with its search path; this names the group's options
+    (so ``schedule=fixed_schema``, a schema rather than an option, is answered in one line). Overrides
+    that Hydra resolves elsewhere (sweeps, packages, deletions, ``hydra/`` groups, another config
+    directory or search path) are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(a.split("=")[0] in ("--config-dir", "-cd", "--config-path", "-cp") or a.startswith("hydra.searchpath")
+           for a in args):
+        return None
+    parser = OverridesParser.create()
+    for arg in (a for a in args if "=" in a and not a.startswith("-")):
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # Hydra reports the syntax error itself
+        group, option = override.key_or_group, override.value()
+        folder = configs / group
+        if (override.is_delete() or override.package is not None or group.startswith("hydra")
+                or not isinstance(option, str) or "$" in option or not folder.is_dir()):
+            continue
+        if not (folder / f"{option}.yaml").is_file():
+            options = ", ".join(sorted(f.stem for f in folder.glob("*.yaml")))
+            return f"{arg}: configs/{group}/ has no option {option!r}; choose one of {options}"
+    return None
+
+
 def check_ranks_agree(items: dict[str, object], digest: str) -> None:
     """All ranks must train the same config; name the keys that differ if they do not."""
     digests = dist.all_gather_object(digest)
@@ -47,7 +78,7 @@ def task(cfg: DictConfig) -> float:
     from .trainer import run_training
 
     try:
-        typed = check_config(cfg)
+        typed = check_config(cfg)  # before dist.init: every check, the launch's world size included
     except ConfigError as exc:
         print(f"localsgd: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -69,6 +100,10 @@ def task(cfg: DictConfig) -> float:
 @record
 def main() -> None:
     register_configs()
+    problem = unknown_option(sys.argv[1:], Path(config_dir()))
+    if problem:
+        print(f"localsgd: {problem}", file=sys.stderr, flush=True)
+        os._exit(2)
     if dist.read_env().rank > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     code: int | str | None = 0

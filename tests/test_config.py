@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,14 @@ GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in CONFIGS.glob("*/*.yaml")
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_every_shipped_group_option_composes_and_validates(group: str, option: str) -> None:
     extra = ["data.root=/nonexistent"] if "cifar10" in option else []
+    # The main job's other choices, where they do not go with this option (the checks across components).
+    extra += {("data", "cifar10"): ["model=resnet20"],  # cnn1d takes 1-D signals, not images
+              ("model", "resnet20"): ["data=cifar10", "data.root=/nonexistent"],
+              ("optimizer", "metz_unsupervised"): ["model=mlp"],
+              ("schedule", "post_local"): ["optimizer.lr_decay=step"]}.get((group, option), [])
     selector = f"+{group}={option}" if group == "experiment" else f"{group}={option}"
-    cfg = check_config(_compose(selector, *extra))
+    # Two workers: ramp=noise_scale needs them (the big batch is the all-reduced gradient).
+    cfg = check_config(_compose(selector, *extra), world_size=2)
     if group in ("data", "model", "optimizer", "schedule"):
         assert getattr(cfg, group).name == option
 
@@ -72,10 +79,13 @@ def test_bad_values_and_forced_unknown_keys_are_named(override: str, named: str)
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "learned", "metz_unsupervised", "stn"])
 def test_every_optimizer_takes_the_poly_decay_and_checks_its_power(optimizer: str) -> None:
-    cfg = check_config(_compose(f"optimizer={optimizer}", "optimizer.lr_decay=poly", "optimizer.decay_power=0.6"))
+    model = ["model=mlp"] if optimizer == "metz_unsupervised" else []  # the rule needs an MLP's hidden layers
+    cfg = check_config(_compose(f"optimizer={optimizer}", *model, "optimizer.lr_decay=poly",
+                                "optimizer.decay_power=0.6"))
     assert cfg.optimizer.lr_decay == "poly" and cfg.optimizer.decay_power == 0.6
     with pytest.raises(ConfigError, match=r"optimizer.decay_power=1.5: must be in \(0.5, 1\)"):
-        check_config(_compose(f"optimizer={optimizer}", "optimizer.lr_decay=poly", "optimizer.decay_power=1.5"))
+        check_config(_compose(f"optimizer={optimizer}", *model, "optimizer.lr_decay=poly",
+                              "optimizer.decay_power=1.5"))
 
 
 def test_smith_ramp_with_an_lr_decay_is_refused_naming_both() -> None:
@@ -103,3 +113,78 @@ def test_entry_point_exits_non_zero_naming_the_key(tmp_path: Path, override: str
     assert proc.returncode != 0
     assert named in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing started
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"TORCHELASTIC_RUN_ID": "abc123"}, "abc123"),
+    ({"TORCHELASTIC_RUN_ID": "0123456789abcdef0"}, "01234567"),  # longer than 16: its first 8 characters
+    ({"TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "4242"}, "slurm-4242"),  # torchrun's placeholder
+    ({"SLURM_JOB_ID": "4242"}, "slurm-4242"),
+    ({"TORCHELASTIC_RUN_ID": "", "SLURM_JOB_ID": ""}, None),
+])
+def test_the_launch_id_comes_from_dist_and_names_the_run(monkeypatch: pytest.MonkeyPatch,
+                                                         env: dict[str, str], expected: str | None) -> None:
+    from localsgd import dist
+    from localsgd.config import run_id
+
+    for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert dist.launch_id() == expected
+    if expected is not None:
+        assert run_id() == expected
+    else:  # no launcher: the time, to the microsecond
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}", run_id())
+
+
+def test_config_reads_no_environment_variable_itself() -> None:
+    source = (Path(__file__).parent.parent / "localsgd" / "config.py").read_text()
+    assert "os.environ" not in source and "getenv" not in source  # localsgd.dist is the only door
+
+
+@pytest.mark.slow
+def test_help_lists_no_schema(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "localsgd.train", "--help"], cwd=tmp_path, env=env_for(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    groups = proc.stdout.split("== Config ==")[0]
+    assert "schedule: adacomm, ddp, fixed," in groups  # the options are listed ...
+    assert "_schema" not in proc.stdout + proc.stderr and "schema/" not in groups  # ... and no schema
+
+
+@pytest.mark.parametrize("selector", ["schedule=fixed_schema", "model=cnn1d_schema", "optimizer=optimizer_sgd_schema"])
+def test_a_schema_is_no_group_option(selector: str) -> None:
+    with pytest.raises(ConfigCompositionException, match="Could not find"):
+        _compose(selector)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("selector", "named"), [
+    ("schedule=fixed_schema", "schedule=fixed_schema: configs/schedule/ has no option 'fixed_schema'; choose one of "
+                              "adacomm, ddp, fixed,"),
+    ("+experiment=resnet20", "+experiment=resnet20: configs/experiment/ has no option 'resnet20'; choose one of "
+                             "logreg_breast_cancer, resnet20_cifar10"),
+])
+def test_selecting_a_schema_or_a_missing_option_fails_in_one_line(tmp_path: Path, selector: str, named: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "localsgd.train", selector, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"localsgd: {named}"), proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing composed, nothing started
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["schedule=fixd"], "schedule=fixd: configs/schedule/ has no option 'fixd'"),
+    (["trainer.max_steps=3", "data=mnist1d", "ramp=none_schema"], "ramp=none_schema: configs/ramp/ has no option"),
+    (["schedule=fixed", "+experiment=logreg_breast_cancer", "trainer=smoke"], None),
+    (["schedule=fixed,ddp", "schedule@other=nope", "~ramp", "hydra/job_logging=disabled", "--cfg", "job"], None),
+    (["--config-dir=/elsewhere", "schedule=mine"], None),  # another config directory: Hydra decides
+    (["hydra.searchpath=[file://elsewhere]", "schedule=mine"], None),
+])
+def test_unknown_option_names_the_override(args: list[str], named: str | None) -> None:
+    from localsgd.train import unknown_option
+
+    problem = unknown_option(args, CONFIGS)
+    assert problem is None if named is None else problem is not None and problem.startswith(named)

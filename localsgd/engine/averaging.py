@@ -89,7 +89,7 @@ class BucketedAverage:
         order = self.layout.launch_order
         with torch.no_grad():
             averaged = self._stage(group, world, me)
-            for fb_index, fb in enumerate(order):
+            for fb in order:
                 last = len(fb.buckets) - 1  # it alone holds the check words (see layout.bucket_bounds)
                 for i, (view, data) in enumerate(zip(fb.bucket_views, fb.bucket_data)):
                     if backup is not None:
