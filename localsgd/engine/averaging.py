@@ -23,7 +23,6 @@ rejected average is undone from the backup instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 
 from .. import dist
 from .layout import FlatBuffer, FlatLayout
-from .state import ReplicaBackup
+from .state import ReplicaBackup, all_finite
 
 
 @dataclass
@@ -42,12 +41,6 @@ class PendingAverage:
     handles: list[Any]
     averaged_in_collective: bool
     order: list[FlatBuffer]  # the buffers in launch order
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    # A finite sum proves every element finite (NaN/Inf propagate through a sum); only an infinite or
-    # NaN sum, which may also be a harmless overflow, needs the exact (slower) elementwise test.
-    return t.numel() == 0 or math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class BucketedAverage:

@@ -14,12 +14,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from .. import dist
 from .layout import FlatBuffer, FlatLayout
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    # A finite sum proves every element finite (NaN/Inf propagate through a sum); only an infinite or
+    # NaN sum, which may also be a harmless overflow, needs the exact (slower) elementwise test.
+    return t.numel() == 0 or math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class ReplicaBackup:
@@ -111,12 +118,12 @@ class OptimizerStatePolicy:
 
     def locally_finite(self) -> bool:
         """Whether every tensor this policy would average is finite (checked before the agreement check)."""
-        from .averaging import all_finite
-
-        return all(all_finite(t) for t in self.averaged_tensors())
+        return self.policy != "average" or all(all_finite(t) for t in self.averaged_tensors())
 
     def apply(self, group: Any, world: int) -> int:
         """Run the policy after a passed average; returns the payload bytes it sent."""
+        if self.policy == "keep":
+            return 0
         if self.policy == "reset":
             for opt in self.optimizers:
                 opt.state.clear()  # as if freshly created: momentum restarts from the next gradient
