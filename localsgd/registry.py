@@ -9,8 +9,8 @@ class under the default of its ``name`` field.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -58,7 +58,13 @@ class Registry(Generic[T]):
             raise KeyError(f"unknown {self.kind} {name!r}; known: {sorted(self._entries)}") from None
 
     def build(self, cfg: Any, *args: Any, **kwargs: Any) -> T:
-        return self.get(cfg.name).build(cfg, *args, **kwargs)
+        """Build the component ``cfg.name`` names; ``cfg`` may be its dataclass or a Hydra node of it."""
+        entry = self.get(cfg.name)
+        if not dataclasses.is_dataclass(cfg):  # a Hydra/OmegaConf node: its registered dataclass builds
+            from omegaconf import OmegaConf
+
+            cfg = entry.config_cls(**OmegaConf.to_container(cfg, resolve=True))
+        return entry.build(cfg, *args, **kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
 from .base import DATASETS, Dataset
 from .cifar10 import CIFAR10Config
@@ -36,6 +35,4 @@ __all__ = [
 
 def build(cfg: Any) -> Dataset:
     """The dataset named by ``cfg.name``, built from ``cfg``."""
-    if isinstance(cfg, DictConfig):  # a Hydra node: its registered dataclass is what builds
-        cfg = DATASETS.get(cfg.name).config_cls(**OmegaConf.to_container(cfg, resolve=True))
     return DATASETS.build(cfg)

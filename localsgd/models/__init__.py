@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .base import MODELS
@@ -40,6 +39,4 @@ __all__ = [
 
 def build(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The model named by ``cfg.name`` for inputs ``(B, *input_shape)`` and ``num_classes`` logits."""
-    if isinstance(cfg, DictConfig):  # a Hydra node: its registered dataclass is what builds
-        cfg = MODELS.get(cfg.name).config_cls(**OmegaConf.to_container(cfg, resolve=True))
     return MODELS.build(cfg, input_shape, num_classes)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
 from .average import AverageConfig, AverageOuter
 from .base import OUTER, OuterOptimizer
@@ -33,6 +32,4 @@ __all__ = [
 
 def build(cfg: Any) -> OuterOptimizer:
     """The outer optimizer named by ``cfg.name``, built from ``cfg``."""
-    if isinstance(cfg, DictConfig):  # a Hydra node: its registered dataclass is what builds
-        cfg = OUTER.get(cfg.name).config_cls(**OmegaConf.to_container(cfg, resolve=True))
     return OUTER.build(cfg)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
 from .base import RAMPS, BatchRamp
 from .geometric import GeometricRamp, GeometricRampConfig
@@ -57,6 +56,4 @@ __all__ = [
 
 def build(cfg: Any, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
     """The ramp of ``cfg`` for a run with this per-worker base batch, local-step budget and worker count."""
-    if isinstance(cfg, DictConfig):  # a Hydra node: its registered dataclass is what builds
-        cfg = RAMPS.get(cfg.name).config_cls(**OmegaConf.to_container(cfg, resolve=True))
     return RAMPS.build(cfg, base_batch, total_steps, world_size=world_size)
