@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from .base import DATASETS, Dataset
 from .cifar10 import CIFAR10Config
 from .mnist1d import MNIST1DConfig

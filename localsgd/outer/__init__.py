@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from .average import AverageConfig, AverageOuter
 from .base import OUTER, OuterOptimizer
 from .nesterov import NesterovConfig, NesterovOuter

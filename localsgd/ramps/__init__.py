@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from .base import RAMPS, BatchRamp
 from .geometric import GeometricRamp, GeometricRampConfig
 from .goyal import coupled_lr
