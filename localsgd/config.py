@@ -73,6 +73,7 @@ class SyncConfig:
     max_skipped_rounds: int = 3
     bucket_cap_mb: float = 64.0
     check_config_agreement: bool = True  # compare config hashes across ranks at start-up
+    outer_state_on_host: bool = False  # keep an outer optimizer's round start x_t in host memory (GPU memory)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         from .engine import AGREEMENT_CHECKS, BUFFER_POLICIES, NONFINITE_POLICIES, OPTIMIZER_STATE_POLICIES

@@ -119,3 +119,34 @@ def test_every_unusual_optimizer_plugin_trains_on_cuda(tmp_path: Path, optimizer
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["backend"] == "nccl" and summary["optimizer"] == optimizer
     assert summary["final_eval_loss"] == summary["final_eval_loss"]  # finite: no NaN from a device mix-up
+
+
+def test_outer_round_start_on_the_host_equals_it_on_the_device() -> None:
+    """DiLoCo's x_t kept in host memory (``outer_state_on_host``) gives the same trajectory as on the
+    GPU, and the parameters stay on the GPU; building the flat buffer on a GPU holds one copy."""
+    from localsgd.outer import NesterovOuter
+
+    results = []
+    for on_host in (False, True):
+        model = _cuda_model(torch.device("cuda"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sync = localsgd.LocalSGD(model, opt, schedule=Fixed(2), outer=NesterovOuter(lr=0.7, momentum=0.9),
+                                 outer_state_on_host=on_host)
+        build_peak = torch.cuda.max_memory_allocated() - before
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for _ in range(6):
+            x = torch.randn(8, 5, device="cuda", generator=gen)
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync.step(loss=loss.detach())
+        assert all(p.is_cuda for p in model.parameters())
+        results.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu(), build_peak,
+                        sum(p.numel() * p.element_size() for p in model.parameters())))
+    assert torch.equal(results[0][0], results[1][0])
+    for _, peak, param_bytes in results:
+        assert peak < 1.5 * param_bytes + 2**20

@@ -87,6 +87,7 @@ class LocalSGD:
     the replicas were averaged. Call :meth:`finalize` after training so all replicas end identical.
     ``next_lr(step)``, if given, returns the learning rate local step ``step`` (0-based) will run at;
     adaptive schedules decide the next period from it (default: the optimizer's current rate).
+    ``outer_state_on_host`` keeps an outer optimizer's round start x_t in host memory.
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class LocalSGD:
         agreement_check: str = "fused",
         pre_average: Callable[[Any], None] | None = None,
         next_lr: Callable[[int], float] | None = None,
+        outer_state_on_host: bool = False,
     ) -> None:
         if schedule is None:
             raise ValueError("LocalSGD needs a schedule, e.g. localsgd.schedules.Fixed(8)")
@@ -135,6 +137,9 @@ class LocalSGD:
         # Delta-STN moves each replica to the consensus hyperparameters first).
         self.pre_average = pre_average
         self.next_lr = next_lr
+        # x_t on the host (as torchft keeps its global copy): one copy of the parameters less on the
+        # device, a device-host transfer per outer step (done in reused chunks by the outer optimizer).
+        self.outer_state_on_host = outer_state_on_host
         self.stats = SyncStats()
         self.local_step = 0  # optimizer steps completed on this rank
         self.last_sync_step = 0
@@ -206,7 +211,8 @@ class LocalSGD:
         # Outer optimizers need x_t; at construction, after a load and after a sync it equals the
         # current (identical) parameters, so it never has to be checkpointed at a sync.
         if self.outer is not None and getattr(self.outer, "needs_global_copy", True):
-            self._global = [v.detach().clone() for v in self.param_buffers()]
+            self._global = [v.detach().to("cpu", copy=True) if self.outer_state_on_host else v.detach().clone()
+                            for v in self.param_buffers()]
 
     # ------------------------------------------------------------------ public API
     def step(self, loss: torch.Tensor | float | None = None) -> bool:
