@@ -62,9 +62,9 @@ from localsgd.data import MNIST1DConfig  # noqa: E402
 from localsgd.data import build as build_data  # noqa: E402
 from localsgd.models import CNN1D  # noqa: E402
 from localsgd.optim import StepContext  # noqa: E402
+from localsgd.optim.stn import StnConfig, StnPlugin, build_stn, perturbation_seed  # noqa: E402
 from localsgd.sampler import ShardSampler, ValidationShard  # noqa: E402
-from localsgd.stn import StnConfig, StnPlugin, build_stn, move_to_hyperparameters_  # noqa: E402
-from localsgd.stn.plugin import perturbation_seed  # noqa: E402
+from localsgd.stn import move_to_hyperparameters_  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TUNE = ["dropout", "shift", "stretch"]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import vmap
 
 import localsgd
+from localsgd import optim
 from localsgd.learned import lopt, meta_train, tasks
 from localsgd.learned.lopt import (
     BUNDLED_CHECKPOINT,
@@ -27,6 +28,7 @@ from localsgd.learned.lopt import (
     lopt_update,
     zero_state,
 )
+from localsgd.optim.learned import LearnedConfig, LearnedPlugin
 from localsgd.schedules import Fixed
 
 from .distributed import run_ok
@@ -191,6 +193,29 @@ def test_checkpoint_feature_version_is_checked_and_the_bundled_one_is_small(tmp_
         lopt.load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.timeout(30)
+def test_optimizer_learned_builds_from_its_config_and_steps_at_the_global_step() -> None:
+    model = _tiny_net()
+    cfg = LearnedConfig(lr_decay="none")
+    plugin = optim.build(cfg, model, total_steps=20)
+    assert isinstance(plugin, LearnedPlugin) and optim.OPTIMIZERS.get("learned").config_cls is LearnedConfig
+    assert plugin.optimizers[0].param_groups[0]["params"] == list(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 5, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+    before = [p.detach().clone() for p in model.parameters()]
+    plugin.train_step(model, batch, 11, optim.StepContext(loss_fn=nn.functional.cross_entropy))
+    assert plugin.optimizers[0].param_groups[0]["t"] == 12  # stepped at the trainer's step 11, not at its own 0
+    # The same update as the bare optimizer whose time feature reads step 11.
+    reference = _tiny_net()
+    opt = LearnedOptimizer(reference.parameters())
+    opt.param_groups[0]["t"] = 11
+    opt.zero_grad()
+    nn.functional.cross_entropy(reference(batch[0]), batch[1]).backward()
+    opt.step()
+    for p, q, p0 in zip(model.parameters(), reference.parameters(), before):
+        assert not torch.equal(p, p0) and torch.equal(p, q)
+
+
 # ---------------------------------------------------------------------------------------------- held-out tasks
 HELDOUT_STEPS = 100
 
@@ -247,7 +272,7 @@ def test_pes_estimate_points_like_backprop_on_one_truncation() -> None:
         trainer = meta_train.MetaTrainer(_small_config(estimator=estimator, groups=1, truncation=4))
         trainer.theta_param.data.copy_(theta)
         trainer.groups = [meta_train.Unroll(batch, 2 if estimator == "pes" else 1, 1, 40)]
-        grad, _ = trainer._pes_gradient() if estimator == "pes" else trainer._tbptt_gradient()
+        grad, _ = trainer.gradient_estimate()
         return grad
 
     exact, es = estimate("tbptt"), estimate("pes")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from localsgd import optim
 from localsgd.errors import ConfigError
 from localsgd.learned.meta_train_unsupervised import MetaTrainConfig, evaluate_rule, meta_train
 from localsgd.learned.unsupervised import (
@@ -27,7 +28,7 @@ from localsgd.learned.unsupervised import (
 )
 from localsgd.models import MLP
 from localsgd.optim import StepContext
-from localsgd.optim.metz import MetzUnsupervisedConfig, build_metz_unsupervised
+from localsgd.optim.metz import MetzUnsupervisedConfig, MetzUnsupervisedPlugin, build_metz_unsupervised
 
 from .distributed import run_ok
 
@@ -202,8 +203,8 @@ def test_ridge_meta_loss_matches_a_float64_reference() -> None:
 def _run_plugin(finetune: str) -> tuple[list[str], dict[str, torch.Tensor], list[dict[str, torch.Tensor]], Any]:
     torch.manual_seed(0)
     model = MLP(64, [32, 16], 10)
-    plugin = build_metz_unsupervised(MetzUnsupervisedConfig(pretrain_steps=3, lr=0.1, finetune=finetune), model,
-                                     total_steps=6)
+    plugin = optim.build(MetzUnsupervisedConfig(pretrain_steps=3, lr=0.1, finetune=finetune), model, total_steps=6)
+    assert isinstance(plugin, MetzUnsupervisedPlugin)  # the config builds its plugin, through the registry
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(2)
     ctx = StepContext(loss_fn=torch.nn.functional.cross_entropy)

@@ -30,8 +30,8 @@ def _sync_rule_worker(rank: int, world: int, averaging: str) -> dict[str, Any]:
     from localsgd.engine import LocalSGD
     from localsgd.models import MLP
     from localsgd.optim import StepContext
+    from localsgd.optim.stn import StnConfig, build_stn
     from localsgd.schedules import Fixed
-    from localsgd.stn import StnConfig, build_stn
 
     torch.manual_seed(0)  # the same replica on every rank (as the trainer's seed + broadcast)
     model = MLP(10, [12], 3)
@@ -103,10 +103,10 @@ def _end_to_end_worker(rank: int, world: int, seeds: tuple[int, ...]) -> list[di
     from localsgd.engine import LocalSGD
     from localsgd.models import MLP
     from localsgd.optim import StepContext
+    from localsgd.optim.stn import StnConfig, build_stn
     from localsgd.optim.torch_optim import SGDConfig, build_sgd
     from localsgd.sampler import ShardSampler, ValidationShard
     from localsgd.schedules import Fixed
-    from localsgd.stn import StnConfig, build_stn
 
     ds = build_data(DigitsConfig())
     x_all, y_all = ds.x_train[:400], ds.y_train[:400]  # small, so that the MLP overfits without dropout

@@ -282,6 +282,13 @@ class MetaTrainer:
         return Unroll(task_lib.make_tasks(task_spec, seeds), signs, c.replicas, horizon, self.spec, c.average_every,
                       c.state_policy)
 
+    def gradient_estimate(self) -> tuple[torch.Tensor, float]:
+        """The meta-gradient of one truncation of every group (by ``cfg.estimator``) and its meta-loss.
+
+        Advances the inner runs by one truncation; :meth:`iteration` clips it and takes the Adam step.
+        """
+        return self._pes_gradient() if self.cfg.estimator == "pes" else self._tbptt_gradient()
+
     def _pes_gradient(self) -> tuple[torch.Tensor, float]:
         c, theta = self.cfg, self.theta_param.detach()
         total, count, losses = torch.zeros_like(theta), 0, []
@@ -327,7 +334,7 @@ class MetaTrainer:
         """One meta-step: a truncation of every group, a gradient estimate, an Adam step on θ; resets."""
         start = time.perf_counter()
         c = self.cfg
-        grad, meta_loss = self._pes_gradient() if c.estimator == "pes" else self._tbptt_gradient()
+        grad, meta_loss = self.gradient_estimate()
         norm = float(grad.norm())
         if norm > c.clip_norm:
             grad = grad * (c.clip_norm / norm)

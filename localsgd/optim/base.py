@@ -8,6 +8,10 @@ state) fit behind the same interface: ``train_step`` may draw validation batches
 training data), ``averaged_tensors`` adds tensors to what ``LocalSGD`` averages, and ``optimizers``
 exposes every torch optimizer to the optimizer-state policy and to checkpoints.
 
+Each plugin's config dataclass builds it (``cfg.build(model, total_steps)``) and registers itself in
+:data:`OPTIMIZERS`, in the plugin's own file, under the name used in ``configs/optimizer/``. The
+registry lives here, beside the interface, so that every plugin file can import it without a cycle.
+
 The learning-rate schedule (linear warm-up, then constant, cosine, step or polynomial decay) is a pure
 function of the local step, which is the same on every rank. The polynomial decay γ_k = ν·k^(−α),
 α ∈ (½, 1), is the large step size Patel & Dieuleveut pair with growing communication intervals
@@ -24,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..registry import Registry
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 """One minibatch: inputs and integer class targets (or regression targets)."""
@@ -134,3 +140,7 @@ class OptimizerPlugin(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
+
+
+OPTIMIZERS: Registry[OptimizerPlugin] = Registry("optimizer")
+"""Optimizer configs by name; each entry's ``build(model, total_steps)`` returns its :class:`OptimizerPlugin`."""

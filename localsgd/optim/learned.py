@@ -19,10 +19,11 @@ from typing import Any
 from torch import nn
 
 from ..learned.lopt import LearnedOptimizer
-from .base import Batch, StepContext, StepOutput
+from .base import OPTIMIZERS, Batch, StepContext, StepOutput
 from .torch_optim import LRScheduleFields, TorchOptimizerPlugin
 
 
+@OPTIMIZERS.add
 @dataclass
 class LearnedConfig(LRScheduleFields):
     """``optimizer=learned``: the bundled (or a given) meta-learned rule; ``lr`` multiplies its step.
@@ -42,6 +43,9 @@ class LearnedConfig(LRScheduleFields):
         yield from self._lr_problems()
         if self.checkpoint and not Path(self.checkpoint).is_file():
             yield "checkpoint", self.checkpoint, "must be a learned-optimizer checkpoint file (empty: the bundled one)"
+
+    def build(self, model: nn.Module, total_steps: int) -> LearnedPlugin:
+        return build_learned(self, list(model.parameters()), total_steps)
 
 
 class LearnedPlugin(TorchOptimizerPlugin):

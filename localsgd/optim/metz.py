@@ -23,10 +23,11 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..learned.unsupervised import BaseNet, MetzRule, StandardizedLinear, load_rule
-from .base import Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
+from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
 from .torch_optim import LRScheduleFields, supervised_step
 
 
+@OPTIMIZERS.add
 @dataclass
 class MetzUnsupervisedConfig(LRScheduleFields):
     """``optimizer=metz_unsupervised``: ``pretrain_steps`` of the frozen rule, then SGD with labels.
@@ -59,6 +60,10 @@ class MetzUnsupervisedConfig(LRScheduleFields):
             yield "momentum", self.momentum, "must be in [0, 1)"
         if self.checkpoint and not Path(self.checkpoint).is_file():
             yield "checkpoint", self.checkpoint, "is not a file (leave empty for the bundled rule)"
+
+    def build(self, model: nn.Module, total_steps: int) -> MetzUnsupervisedPlugin:
+        """Rebuild the MLP's hidden layers in place as the rule's base layers and build the plugin."""
+        return build_metz_unsupervised(self, model, total_steps)
 
 
 def _linear_positions(model: nn.Module) -> list[int]:
@@ -95,9 +100,6 @@ def build_metz_unsupervised(cfg: MetzUnsupervisedConfig, model: nn.Module, total
     hidden, readout = attach_metz_layers(model, cfg.init_seed)
     rule.to(device=readout.weight.device)
     return MetzUnsupervisedPlugin(cfg, rule, hidden, readout, total_steps)
-
-
-build_metz_unsupervised.takes_model = True  # type: ignore[attr-defined]  # it rebuilds the hidden layers in place
 
 
 class MetzUnsupervisedPlugin(OptimizerPlugin):

@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
+from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
 
 LR_DECAYS = ("none", "cosine", "step", "poly")
 
 
 @dataclass
 class LRScheduleFields:
-    lr: float = 0.1
+    lr: float = 0.05
     warmup_steps: int = 0
     lr_decay: str = "none"  # none | cosine | step | poly
     decay_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
@@ -44,6 +44,7 @@ class LRScheduleFields:
             yield "decay_power", self.decay_power, "must be in (0.5, 1) (Patel & Dieuleveut's α)"
 
 
+@OPTIMIZERS.add
 @dataclass
 class SGDConfig(LRScheduleFields):
     """``optimizer=sgd``."""
@@ -63,7 +64,11 @@ class SGDConfig(LRScheduleFields):
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             yield "nesterov", self.nesterov, "needs momentum > 0 and dampening = 0"
 
+    def build(self, model: nn.Module, total_steps: int) -> OptimizerPlugin:
+        return build_sgd(self, list(model.parameters()), total_steps)
 
+
+@OPTIMIZERS.add
 @dataclass
 class AdamWConfig(LRScheduleFields):
     """``optimizer=adamw``."""
@@ -84,6 +89,9 @@ class AdamWConfig(LRScheduleFields):
             yield "eps", self.eps, "must be > 0"
         if self.weight_decay < 0:
             yield "weight_decay", self.weight_decay, "must be >= 0"
+
+    def build(self, model: nn.Module, total_steps: int) -> OptimizerPlugin:
+        return build_adamw(self, list(model.parameters()), total_steps)
 
 
 class TorchOptimizerPlugin(OptimizerPlugin):

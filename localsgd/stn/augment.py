@@ -65,10 +65,10 @@ def shift_stretch_1d(x: torch.Tensor, shift: torch.Tensor | None, stretch: torch
         m = shift.detach().to(dt).reshape(batch, 1)
         offset = (2 * torch.rand(batch, 1, generator=generator, device=dev, dtype=dt) - 1) * m * length
         pos = pos - offset
-    return _resample(signal, pos).reshape(x.shape)
+    return resample_1d(signal, pos).reshape(x.shape)
 
 
-def _resample(signal: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def resample_1d(signal: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of ``signal`` [B, C, L] at fractional positions ``pos`` [B, L]; 0 outside."""
     length = signal.shape[-1]
     left = pos.floor()
