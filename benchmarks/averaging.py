@@ -48,23 +48,19 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import json
-import multiprocessing as mp
 import os
-import queue as queue_mod
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this checkout
 
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
+from localsgd.testing.ranks import run_ranks  # noqa: E402
 
 METHODS = ("ours", "ours_before", "torch", "per_param", "floor", "floor_avg")
 TARGET_VS_FLOOR = 1.10
@@ -78,12 +74,6 @@ def model_shapes(name: str, quick: bool) -> list[tuple[int, ...]]:
     if name == "many_small":
         return [(32, 32)] * 200  # 200 x 1,024 floats
     raise ValueError(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_model(shapes: list[tuple[int, ...]], rank: int) -> Any:
@@ -211,74 +201,43 @@ class ShapedLink:
         for ns in self.names:  # deleting a namespace deletes its end of the veth pair, and so the pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
+    @property
+    def master_addr(self) -> str:
+        return self.addrs[0]  # rank 0's end of the link hosts the rendezvous
+
+    def enter(self, rank: int) -> None:
+        """Put this rank's process on its end of the link (``run_ranks``'s ``prepare_rank``)."""
+        _enter_netns(self.names[rank])
+        os.environ["GLOO_SOCKET_IFNAME"] = self.ifaces[rank]
+
 
 def _enter_netns(name: str) -> None:
-    """Move this (still single-threaded, socket-less) process into network namespace ``name``."""
+    """Move this process's main thread into network namespace ``name``, before it opens a socket.
+
+    A namespace belongs to a thread, and threads inherit it when they are created: Gloo's and the
+    rendezvous store's threads, started later from the main thread, are on the link too.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     with open(f"/var/run/netns/{name}") as f:
         if libc.setns(f.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
             raise OSError(ctypes.get_errno(), f"setns into network namespace {name} failed")
 
 
-def _worker(rank: int, world: int, port: int, quick: bool, warmup: int, reps: int, models: list[str],
-            out: Any, link: tuple[list[str], list[str], list[str]] | None = None) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    master = "127.0.0.1"
-    if link is not None:  # this rank's namespace and interface; rank 0's address hosts the rendezvous
-        names, ifaces, addrs = link
-        _enter_netns(names[rank])
-        os.environ["GLOO_SOCKET_IFNAME"] = ifaces[rank]
-        master = addrs[0]
-    import torch
-    import torch.distributed as tdist
-
-    torch.set_num_threads(1)
-    try:
-        tdist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world,
-                                 timeout=datetime.timedelta(seconds=120))
-        results = {name: _bench_model(name, quick, warmup, reps, rank, world) for name in models}
-        out.put((rank, "ok", results))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        out.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+def _bench_models(rank: int, world: int, quick: bool, warmup: int, reps: int, models: list[str]) -> dict[str, Any]:
+    return {name: _bench_model(name, quick, warmup, reps, rank, world) for name in models}
 
 
 def run(quick: bool, warmup: int, reps: int, models: list[str], timeout_s: float,
         link: ShapedLink | None = None) -> dict[str, Any]:
-    world = 2
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    where = None if link is None else (link.names, link.ifaces, link.addrs)
-    procs = [ctx.Process(target=_worker, args=(r, world, port, quick, warmup, reps, models, out, where),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(results) < world:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"benchmark ranks did not finish in {timeout_s:.0f} s")
-            try:
-                rank, status, value = out.get(timeout=1.0)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead:
-                    raise RuntimeError(f"ranks {dead} exited without reporting") from None
-                continue
-            results[rank] = (status, value)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    errors = [f"rank {r}: {v}" for r, (s, v) in sorted(results.items()) if s != "ok"]
+    # The ranks inherit this before they import torch: one intra-op thread each from the start.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    where = {} if link is None else {"master_addr": link.master_addr, "prepare_rank": link.enter}
+    out = run_ranks(_bench_models, 2, quick, warmup, reps, models, timeout_s=timeout_s,
+                    collective_timeout_s=120.0, **where)
+    errors = [f"rank {r}: {v}" for r, (s, v) in enumerate(out) if s != "ok"]
     if errors:
         raise RuntimeError("\n".join(errors))
-    return results[0][1]
+    return out[0][1]
 
 
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
