@@ -191,6 +191,8 @@ def init(backend_name: str = "auto", init_timeout_s: float = 300.0) -> DistEnv:
         return env
     chosen = _pick_backend(backend_name)
     timeout = _dt.timedelta(seconds=init_timeout_s)
+    _TIMEOUT_S[:] = [init_timeout_s]
+    _SUBGROUPS.clear()
     if chosen == "nccl":
         _set_nccl_env()
         torch.cuda.set_device(env.local_rank)
@@ -222,8 +224,13 @@ def init(backend_name: str = "auto", init_timeout_s: float = 300.0) -> DistEnv:
     return env
 
 
+_SUBGROUPS: list[Any] = []  # every subgroup made here, so set_timeout bounds their collectives too
+_TIMEOUT_S: list[float] = []  # the timeout now in force (set by init and set_timeout)
+
+
 def set_timeout(seconds: float, group: Any = None) -> None:
-    """Tighten (or relax) the collective timeout after start-up (torchtitan does the same)."""
+    """Tighten (or relax) the collective timeout after start-up (torchtitan does the same); without
+    ``group``, for the default group and every subgroup made by :func:`new_subgroups`."""
     if not is_initialized():
         return
     setter = getattr(tdist.distributed_c10d, "_set_pg_timeout", None)
@@ -231,6 +238,10 @@ def set_timeout(seconds: float, group: Any = None) -> None:
         log.warning("this torch cannot change a process group's timeout; keeping the init timeout")
         return
     setter(_dt.timedelta(seconds=seconds), group)
+    if group is None:
+        _TIMEOUT_S[:] = [seconds]
+        for sub in _SUBGROUPS:
+            setter(_dt.timedelta(seconds=seconds), sub)
 
 
 def destroy() -> None:
@@ -356,9 +367,11 @@ def all_gather_object(obj: Any) -> list[Any]:
 def new_subgroups(groups: Sequence[Sequence[int]]) -> Any:
     """Create one subgroup per list of ranks (every rank must call this); return this rank's group."""
     mine = None
+    timeout = _dt.timedelta(seconds=_TIMEOUT_S[0]) if _TIMEOUT_S else None  # else torch's 30-minute default
     for ranks in groups:
-        g = tdist.new_group(list(ranks))
+        g = tdist.new_group(list(ranks), timeout=timeout)
         if rank() in ranks:
+            _SUBGROUPS.append(g)
             mine = g
     return mine
 
