@@ -72,6 +72,7 @@ class SyncConfig:
     agreement_check: str = "fused"  # fused | before | overlapped (see localsgd.engine)
     max_skipped_rounds: int = 3
     bucket_cap_mb: float = 64.0
+    fused_max_mb: float = 4.0  # fused check up to this payload; larger ones are checked first (localsgd.engine)
     check_config_agreement: bool = True  # compare config hashes across ranks at start-up
     outer_state_on_host: bool = False  # keep an outer optimizer's round start x_t in host memory (GPU memory)
 
@@ -86,6 +87,8 @@ class SyncConfig:
             yield "max_skipped_rounds", self.max_skipped_rounds, "must be >= 0"
         if not self.bucket_cap_mb > 0:
             yield "bucket_cap_mb", self.bucket_cap_mb, "must be > 0"
+        if not self.fused_max_mb >= 0:
+            yield "fused_max_mb", self.fused_max_mb, "must be >= 0 (0: always check before averaging)"
 
 
 @dataclass

@@ -219,7 +219,7 @@ def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.Opt
                     bucket_cap_mb=s.bucket_cap_mb, extra_tensors=plugin.averaged_tensors(),
                     config_hash=int(config_digest[:8], 16), outer=outer_lib.build(cfg.outer),
                     agreement_check=s.agreement_check, pre_average=plugin.pre_average, next_lr=next_lr,
-                    outer_state_on_host=s.outer_state_on_host)
+                    outer_state_on_host=s.outer_state_on_host, fused_max_mb=s.fused_max_mb)
     return sync, model
 
 
