@@ -35,7 +35,6 @@ from . import schedules as schedule_lib
 from .checkpoint import Checkpointer
 from .communicator import Communicator
 from .config import TrainConfig
-from .ddp import DDPBaseline
 from .engine import LocalSGD, SyncStats
 from .errors import CheckpointError
 from .hooks import FaultHook, NoiseScaleProbe, StepHook, StichIterateAverage, overriding
@@ -201,14 +200,15 @@ def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.Opt
     """Local SGD on the configured schedule, or the DDP baseline (``schedule=ddp``); returns the
     communicator and the module the optimizer plugin trains through."""
     tc = cfg.trainer
+    build_own = getattr(cfg.schedule, "build_communicator", None)
+    if build_own is not None:  # the DDP baseline averages gradients, not parameters
+        comm = build_own(model)
+        return comm, comm.step_model
     schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(
         tc.max_steps, world, tc.batch_size,
         optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
                                    getattr(cfg.optimizer, "decay_milestones", [])),
         dist.local_world_size()))
-    if schedule is None:  # the DDP baseline averages gradients, not parameters
-        ddp = DDPBaseline(model, cfg.schedule.bucket_cap_mb, cfg.schedule.stop_check_every)
-        return ddp, ddp.step_model
 
     def next_lr(step: int) -> float:  # the rate local step ``step`` will run at (adaptive schedules decide on it)
         return plugin.lr(step) * ramp.lr_scale(step, ramp.batch_size(step), tc.batch_size, tc.lr_batch_coupling)

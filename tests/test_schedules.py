@@ -302,7 +302,9 @@ def test_the_run_budget_reaches_the_schedule() -> None:
 
 
 def test_ddp_builds_no_schedule_and_post_local_needs_a_decay() -> None:
-    assert build(DDPConfig(), run_info()) is None
+    with pytest.raises(ConfigError, match="not a LocalSGD schedule"):
+        build(DDPConfig(), run_info())
+    assert callable(DDPConfig().build_communicator)
     with pytest.raises(ConfigError, match="switch_step=-1"):
         build(PostLocalConfig(), run_info(first_lr_decay_step=None))
 

@@ -1,8 +1,9 @@
 """The DDP baseline (``schedule=ddp``): PyTorch DistributedDataParallel, gradients all-reduced every step.
 
-Not a schedule of LocalSGD: there is no round to end, so it builds no :class:`SyncSchedule` and the
-trainer runs the model wrapped in DistributedDataParallel instead. It sits in the schedule group
-because it is the other answer to the question a schedule answers (who communicates, and when).
+Not a schedule of LocalSGD: there is no round to end, so it builds no :class:`SyncSchedule` but a
+communicator of its own (:class:`localsgd.ddp.DDPBaseline`, through ``build_communicator``, the
+capability the trainer looks for). It sits in the schedule group because it is the other answer
+to the question a schedule answers (who communicates, and when).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigError
 from .base import SCHEDULES, RunInfo
 
 
@@ -25,8 +27,15 @@ class DDPConfig:
     # lets a preemption signal seen by any rank stop all of them at the same step (ours).
     stop_check_every: int = 10
 
-    def build(self, run: RunInfo) -> None:
-        return None  # no schedule: the trainer wraps the model in DistributedDataParallel instead
+    def build(self, run: RunInfo) -> Any:
+        raise ConfigError("schedule=ddp is the DDP baseline, not a LocalSGD schedule: it builds a communicator "
+                          "(DDPConfig.build_communicator(model)); pick a LocalSGD schedule, e.g. schedule=fixed")
+
+    def build_communicator(self, model: Any) -> Any:
+        """The DDP baseline wrapping ``model``: train through its ``step_model``."""
+        from ..ddp import DDPBaseline  # the communicator layer sits above the schedules
+
+        return DDPBaseline(model, self.bucket_cap_mb, self.stop_check_every)
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.bucket_cap_mb <= 0:
