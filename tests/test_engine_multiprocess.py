@@ -432,8 +432,9 @@ def _optimizer_state_policy(rank: int, world: int, policy: str) -> list[float]:
 
 
 def test_optimizer_state_average_makes_momentum_identical_and_keep_does_not() -> None:
-    assert run_ok(_optimizer_state_policy, 2, "average")[0] == [0.0] * 4
-    assert all(d > 0 for d in run_ok(_optimizer_state_policy, 2, "keep")[0])
+    averaged, kept = run_ok(_optimizer_state_policy, 2, "average")[0], run_ok(_optimizer_state_policy, 2, "keep")[0]
+    assert len(averaged) == len(kept) == 6  # one momentum buffer per parameter of _bn_model
+    assert averaged == [0.0] * 6 and all(d > 0 for d in kept)
 
 
 def _averaged_context(rank: int, world: int) -> dict:
