@@ -1,4 +1,4 @@
-"""Averaging-call micro-benchmark: seconds per sync on 2 Gloo ranks (``peers.md`` §10, item 5).
+"""Averaging-call micro-benchmark: seconds per sync on 2 Gloo ranks.
 
 On a CPU machine with Gloo the cost of one averaging call is dominated by latency and by the passes
 over memory around the collective, not by bandwidth, so this is where a framework can win or lose
@@ -12,7 +12,7 @@ against its peers. Four ways to average the same parameters are timed on two loc
   under ``PeriodicModelAverager`` / ``PostLocalSGDOptimizer``): ``torch.cat`` into a new flat buffer,
   divide, one blocking all-reduce, re-point the parameters at slices of that buffer.
 * ``per_param``: one blocking sum all-reduce per parameter, then a division (the accelerate
-  ``LocalSGD`` / torchft ``LocalSGD`` pattern; ``peers.md`` §2-3).
+  ``LocalSGD`` / torchft ``LocalSGD`` pattern).
 * ``floor``: a bare all-reduce of one pre-flattened tensor with the same number of elements: no copy,
   no division, no check. Nothing that averages these parameters on Gloo can be faster.
 * ``floor_avg``: the same bare all-reduce with ``ReduceOp.AVG`` (Gloo averages inside the collective

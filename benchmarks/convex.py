@@ -1,6 +1,6 @@
 """Reproduction 1 (strongly convex): local SGD on ℓ2-regularised logistic regression, schedules compared.
 
-Problem (Stich, ICLR 2019, arXiv 1805.09767, §4; ``shared/design/schedules.md`` §1.5 and §2.6): planted
+Problem (Stich, ICLR 2019, arXiv 1805.09767, §4; Patel & Dieuleveut, NeurIPS 2019, arXiv 1904.11325): planted
 binary-feature logistic regression of w8a's shape (49,749 training rows, 300 sparse {0, 1} features,
 about 12 non-zeros a row, from ``localsgd.data.SyntheticLogRegConfig``), labels y ∈ {−1, +1}, no
 intercept, objective

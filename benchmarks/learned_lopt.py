@@ -3,7 +3,7 @@
 Metz, Maheswaranathan, Cheung & Sohl-Dickstein (ICLR 2019, arXiv 1804.00222) meta-learn the learning
 rule itself; ``localsgd/learned/lopt.py`` is a per-parameter MLP rule in the style of ``MLPLOpt``
 (arXiv 1810.10180), meta-trained by ``localsgd-meta-train`` on small offline tasks
-(``shared/design/optimizers.md`` §B3). Two tables, with the bundled checkpoint at ``lr`` 1.0:
+(a scaled-down TinyLOpt-style rule). Two tables, with the bundled checkpoint at ``lr`` 1.0:
 
 1. **Held-out tasks** (``localsgd.learned.tasks.heldout_suite``: hidden width 48, input dim 24, digits
    with permuted pixels, two-hidden-layer nets, 3-class mixtures; none sampled in meta-training). Each

@@ -1,6 +1,6 @@
 """Reproduction: the Metz et al. neuron-local unsupervised update rule (ICLR 2019, arXiv 1804.00222), scaled down.
 
-The paper's claims at toy scale (``shared/design/optimizers.md`` §B4): a rule meta-trained for few-shot
+The paper's claims (Metz et al., ICLR 2019) at toy scale: a rule meta-trained for few-shot
 linear readout on some classes improves the representation of classes it never saw, and keeps doing so
 on wider and deeper networks than the one it was meta-trained on.
 

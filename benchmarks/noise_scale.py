@@ -2,7 +2,7 @@
 
 McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training" (arXiv 1812.06162)
 report that B_simple = tr(Σ)/|G|² grows during training as the loss falls
-(``shared/design/schedules.md`` §6.3). This script runs the real trainer (two Gloo workers under
+(McCandlish et al., arXiv 1812.06162, §2.2 and Fig. 4). This script runs the real trainer (two Gloo workers under
 ``torch.distributed.run``) on MNIST-1D with the small 1-D CNN, fixed H = 4 and ``ramp=noise_scale``,
 which measures B_simple with the two-batch estimator (B_small = b, B_big = K·b) at the first local
 step of every second round and sets the per-worker batch to clip(round(B_simple/K), b_min, b_max),

@@ -1,13 +1,13 @@
 """Reproduction 2 (non-convex): MNIST-1D CNN, K workers, four communication schedules, with and without a batch ramp.
 
-What is compared (``shared/design/schedules.md`` §3, §4 and §6), all through the real worker loop
+What is compared (post-local SGD, Lin et al., ICLR 2020, arXiv 1808.07217; AdaComm; batch ramps), all through the real worker loop
 (``torch.distributed.run`` with K Gloo ranks running ``python -m localsgd.train``):
 
 * ``H=1``: large-batch SGD, the K workers average after every step (global batch K·b).
 * ``H=16``: local SGD from the start (Stich, ICLR 2019, arXiv 1805.09767).
 * ``post_local``: post-local SGD (Lin, Stich, Patel, Jaggi, ICLR 2020, arXiv 1808.07217, §3): H = 1 until
   the first learning-rate decay, then H = 16. H = 16 is the paper's CIFAR recommendation, unverified here.
-* ``adacomm``: AdaComm (Wang & Joshi, SysML 2019, arXiv 1810.08313, §4 of schedules.md),
+* ``adacomm``: AdaComm (Wang & Joshi, SysML 2019, arXiv 1810.08313),
   τ_l = ⌈√((F_l/F₀)·(η₀/η_l))·τ₀⌉ re-evaluated every ``T/16`` local steps (the stand-in for the paper's
   wall-clock interval), τ₀ = 16 so that it starts where ``H=16`` does. τ₀ = 16, the interval and the
   LR exponent 1 (PaddlePaddle's choice) are ours, not the paper's.

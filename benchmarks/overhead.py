@@ -4,7 +4,7 @@ A local-SGD framework must cost nothing between syncs: with ``schedule=one_shot`
 step besides forward/backward/step is the framework's own bookkeeping (sampler, optimizer plugin, the
 engine's ``step()`` and its non-finite recording, loss/accuracy windows, logging). This measures that
 bookkeeping against the plainest PyTorch loop on the same model, data and optimizer (the "no more
-overhead than the peers" requirement of ``peers.md`` §10 item 1, isolated from communication). The
+overhead than the peers" requirement, isolated from communication). The
 issue's target is ours <= 1.03x plain.
 
 Workloads (both run in this process, 1 intra-op thread, batch 32, SGD with momentum 0.9):
