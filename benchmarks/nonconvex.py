@@ -1,6 +1,7 @@
 """Reproduction 2 (non-convex): MNIST-1D CNN, K workers, four communication schedules, with and without a batch ramp.
 
-What is compared (post-local SGD, Lin et al., ICLR 2020, arXiv 1808.07217; AdaComm; batch ramps), all through the real worker loop
+What is compared (post-local SGD, Lin et al., ICLR 2020, arXiv 1808.07217; AdaComm; batch ramps),
+all through the real worker loop
 (``torch.distributed.run`` with K Gloo ranks running ``python -m localsgd.train``):
 
 * ``H=1``: large-batch SGD, the K workers average after every step (global batch K·b).
