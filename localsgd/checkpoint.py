@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints at sync boundaries (``shared/design/reliability.md`` §5).
+"""Crash-safe checkpoints at sync boundaries: a crash at any point leaves the last committed one intact.
 
 Right after an average every replica holds the same parameters, so a checkpoint is one ``model.pt``
 written by rank 0 plus one ``rank{r}.pt`` per rank (optimizer state, RNG, data cursor, engine and

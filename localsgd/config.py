@@ -7,7 +7,7 @@ dataclass of the chosen registry entry, stored at the ConfigStore's root as ``<g
 (:func:`schema_name`) and extended by ``configs/<group>/<name>.yaml``, which states only what differs
 from the dataclass's defaults.
 
-Validation happens before any process group exists (``conventions.md`` §5.2, ``reliability.md`` T8):
+Validation happens before any process group exists, so a bad config fails before any rank waits on another:
 Hydra rejects wrong types and unknown keys; :func:`check_config` additionally rejects keys that
 ``+key=value`` forced in (Hydra accepts them), values out of range (each dataclass's ``problems()``)
 and choices that are valid alone but not together (:func:`combination_problems`, the one place for
@@ -62,7 +62,7 @@ class TrainerConfig:
 
 @dataclass
 class SyncConfig:
-    """What an average does besides the parameters (``reliability.md`` §4)."""
+    """What an average does besides the parameters: buffers, optimizer state, non-finite values, checks."""
 
     buffers: str = "average"  # average | broadcast | local
     optimizer_state: str = "keep"  # keep | average | reset
@@ -124,7 +124,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints at sync boundaries (``reliability.md`` §5)."""
+    """Checkpoints at sync boundaries, where every replica holds the same parameters."""
 
     enable: bool = True
     every_rounds: int = 25  # commit a checkpoint every this many averaging rounds

@@ -9,7 +9,6 @@ clear error instead of a hang, and one place can be replaced by a fake in tests.
 
 Without a launcher the process runs as world size 1: :func:`init` then creates a one-rank Gloo group
 on an in-memory store, so the same code path (and the same communication accounting) is exercised.
-See ``shared/design/conventions.md`` §2 and ``reliability.md`` §3.
 """
 
 from __future__ import annotations
@@ -171,7 +170,7 @@ def _pick_backend(requested: str) -> str:
 
 
 def _set_nccl_env() -> None:
-    # Make a failed NCCL collective tear the process down instead of hanging (conventions.md §2).
+    # Make a failed NCCL collective tear the process down instead of hanging.
     key = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
     if os.environ.get(key, "3") != "3":
         log.warning("overriding %s=%s with 3 so a failed collective ends the process", key, os.environ[key])

@@ -1,6 +1,6 @@
 """Run outputs on rank 0: ``metrics.jsonl``, ``summary.json``, wandb, progress bar and summary table.
 
-Only rank 0 writes (``conventions.md`` §6–7); other ranks get null objects with the same methods.
+Only rank 0 writes (one output per run, not one per rank); other ranks get null objects with the same methods.
 On resume, records past the checkpoint's step are dropped from ``metrics.jsonl`` so every step
 appears exactly once in a run that was killed and restarted.
 """

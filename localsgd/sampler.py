@@ -5,7 +5,7 @@ and e, like ``DistributedSampler.set_epoch``, which pytorch/pytorch#31771 shows 
 takes every W-th index starting at its rank, truncated to ``N // W`` so all shards are equal and
 disjoint (the ``N mod W`` leftover indices are skipped that epoch; they are different ones each epoch).
 The sampler keeps a *sample* cursor, so a batch size that changes mid-epoch neither skips nor repeats
-data and a resume continues with exactly the remaining indices (``reliability.md`` T10).
+data and a resume continues with exactly the remaining indices of the uninterrupted run.
 
 :class:`ValidationShard` holds out a seeded fraction of the training set as one fixed, disjoint
 validation part per rank (for plugins that tune on validation data, such as ``optimizer=stn``).

@@ -4,7 +4,7 @@ Thin on purpose (torchtitan's ``train.py`` layout): compose and validate the con
 process group exists, start the group, check that every rank composed the same config, run the
 worker loop of :mod:`localsgd.trainer`, and always tear the group down. Non-zero ranks tell Hydra
 not to write its own ``.hydra/`` and logs, so a run has exactly one output directory, named the same
-on every rank (``conventions.md`` §5.4).
+on every rank.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ plugin's local step, and hands the step to :class:`~localsgd.engine.LocalSGD`, w
 the schedule says so (Stich, ICLR 2019, arXiv 1805.09767, Algorithm 1). ``schedule=ddp`` runs the
 same loop with PyTorch's DistributedDataParallel (gradient all-reduce every step) as the baseline.
 
-Reproducibility contract (``reliability.md`` F8, T10, T11): identical initial weights on every rank
+Reproducibility contract: identical initial weights on every rank
 (seeded identically, then broadcast from rank 0), a per-rank RNG stream for dropout and
 augmentation, shards that reshuffle each epoch, and checkpoints that restore every RNG and the data
 cursor, so a killed-and-resumed run ends bit-for-bit equal to an uninterrupted one.

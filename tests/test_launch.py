@@ -1,7 +1,7 @@
 """The launchers in ``launch/``: a real torchrun job through ``local.sh``, the Slurm batch scripts under
 stub ``scontrol``/``srun``/``torchrun`` commands (argument lists, signal forwarding, requeue), the
 Hydra sweep example's overrides, and a real Hydra multirun through hydra-submitit-launcher's local
-executor (``reliability.md`` T15).
+executor (one job dir per point, no collisions).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The learned optimizer (optimizers.md §B3): the update rule, the torch optimizer, meta-training, the bundled
-checkpoint on held-out tasks, and ``optimizer=learned`` under local SGD on real Gloo ranks."""
+"""The learned optimizer (after MLPLOpt, Metz et al., ICML 2019, arXiv 1810.10180): the update rule, the torch
+optimizer, meta-training, the bundled checkpoint on held-out tasks, and ``optimizer=learned`` under local SGD
+on real Gloo ranks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Outer optimizers (schedules.md §7): identities, the DiLoCo and SlowMo worked examples, checkpoints, configs."""
+"""Outer optimizers (SlowMo, Wang et al., ICLR 2020, arXiv 1910.00643; DiLoCo, Douillard et al., arXiv 2311.08105):
+identities, the DiLoCo and SlowMo worked examples, checkpoints, configs."""
 
 from __future__ import annotations
 

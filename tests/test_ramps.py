@@ -1,4 +1,4 @@
-"""Batch ramps, Goyal LR coupling and the noise-scale estimator (schedules.md §6)."""
+"""Batch ramps, Goyal LR coupling and the noise-scale estimator (McCandlish et al., arXiv 1812.06162)."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def _draw(gen: torch.Generator, n: int, workers: int, b: int, d: int, sigma2: fl
 
 
 def test_noise_scale_estimate_within_5_percent_on_synthetic_gradients() -> None:
-    """G = e₁, Σ = 0.01·I, d = 1000 ⇒ B_simple = 10. The ±5 % tolerance is ours (schedules.md §6.3)."""
+    """G = e₁, Σ = 0.01·I, d = 1000 ⇒ B_simple = 10. The ±5 % tolerance is ours."""
     gen = torch.Generator().manual_seed(1234)
     est = NoiseScaleEstimator(b_small=8, b_big=64, ema=0.95)
     assert math.isnan(est.b_simple())

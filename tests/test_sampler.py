@@ -1,4 +1,4 @@
-"""Data shards (reliability.md T10): disjoint, covering, reshuffled per epoch, resumable mid-epoch."""
+"""Data shards: disjoint, covering, reshuffled per epoch, resumable mid-epoch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Communication schedules: the worked values of shared/design/schedules.md, bookkeeping invariants,
+"""Communication schedules: worked values from the papers, bookkeeping invariants,
 exactness of averaging on a quadratic for every schedule, and rank agreement of adaptive decisions."""
 
 from __future__ import annotations
@@ -428,7 +428,8 @@ def _hierarchical(rank: int, world: int, outer_lr: float | None = None, outer_mo
     outer = None if outer_lr is None else NesterovOuter(lr=outer_lr, momentum=outer_momentum)
     sync = localsgd.LocalSGD(holder, opt, schedule=Hierarchical(H_group=2, H_global=6, group_size=2), outer=outer)
     # Reference: the mean over all ranks is mini-batch SGD from the last global point x_t (linearity:
-    # group averages leave it unchanged); at a global sync the outer step moves x_t (§7.2 of the design).
+    # group averages leave it unchanged); at a global sync the outer step moves x_t
+    # (DiLoCo, Douillard et al., arXiv 2311.08105).
     y, x_t, v = (torch.zeros(d, dtype=torch.float64) for _ in range(3))
 
     def outer_reference() -> torch.Tensor:
@@ -558,9 +559,9 @@ def _simulate_stich_logreg(schedule_factory, A: torch.Tensor, y: torch.Tensor, l
 
 
 def test_stich_local_sgd_is_within_factor_two_of_minibatch_sgd_over_ten_seeds() -> None:
-    """schedules.md §1.4 test 4: ℓ2-logistic regression, λ = 1/n, H = ⌊√(T/(Kb))⌋, the paper's
+    """ℓ2-logistic regression, λ = 1/n, H = ⌊√(T/(Kb))⌋, Stich's (ICLR 2019, arXiv 1805.09767, Theorem 2.2)
     η_t = 4/(μ(a+t)) and (a+t)²-weighted x̂_T; over 10 seeds E f(x̂_T) − f* of local SGD is within
-    a factor 2 of mini-batch SGD (H = 1) at the same T, K, b (the factor 2 is the design's proposal)."""
+    a factor 2 of mini-batch SGD (H = 1) at the same T, K, b (the factor 2 is ours, not the paper's)."""
     g = torch.Generator().manual_seed(2019)
     n, d, K, T, seeds = 400, 10, 4, 6000, 10
     A = torch.randn(n, d, generator=g, dtype=torch.float64)

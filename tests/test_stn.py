@@ -591,7 +591,7 @@ class _Linear(nn.Module):
 
 
 def _ridge_problem(seed: int) -> dict[str, torch.Tensor]:
-    """d = 30, n = 40 train, m = 200 validation, noise std 2 (optimizers.md §A5), in float64."""
+    """d = 30, n = 40 train, m = 200 validation, noise std 2 (our ridge test, not the papers'), in float64."""
     gen = torch.Generator().manual_seed(seed)
     d, n, m = 30, 40, 200
     w_true = torch.randn(d, generator=gen, dtype=torch.float64)

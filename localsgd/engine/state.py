@@ -2,7 +2,7 @@
 
 * :class:`ReplicaBackup`: what this rank sent into an in-place all-reduce, bucket by bucket, so a
   sync whose check fails after the average has landed restores every replica exactly
-  (``reliability.md`` §3: a failed sync changes nothing). One copy of the averaged data per rank.
+  (a failed sync changes nothing). One copy of the averaged data per rank.
 * :class:`RoundSnapshot` (``on_nonfinite=skip_round``): the parameters, buffers and optimizer state
   of the last good sync, restored when a round turns out non-finite somewhere.
 * :class:`OptimizerStatePolicy`: ``keep`` (each worker its own moments; torch's

@@ -1,4 +1,4 @@
-"""Meta-learned update rules that run inside the local-SGD worker (design: optimizers.md, Part B).
+"""Meta-learned update rules that run inside the local-SGD worker.
 
 - :mod:`localsgd.learned.lopt` — a per-parameter MLP learned optimizer (Metz et al. 2020/2022 style,
   scaled down to meta-train on 2 CPU cores), ``optimizer=learned``.

@@ -5,7 +5,7 @@ learning procedure itself and meta-learn its parameters θ through unrolled trai
 the supervised, per-parameter instance of that idea, following the ``MLPLOpt`` design of Metz et al.,
 "Understanding and correcting pathologies in the training of learned optimizers" (ICML 2019,
 arXiv 1810.10180, §3 and the public ``learned_optimization`` code), scaled down so it meta-trains on
-2 CPU cores (``shared/design/optimizers.md`` §B3, "TinyLOpt"). For every element of every parameter
+2 CPU cores ("TinyLOpt", ours). For every element of every parameter
 tensor:
 
 * features (``lopt_features``): gradient g, parameter p, momenta m_β = β·m_β + (1−β)·g for
@@ -111,7 +111,7 @@ def init_theta(spec: LOptSpec = DEFAULT_SPEC, kind: str = "adam", generator: tor
     ``adam``: the same, except that two units per hidden layer carry ±(normalised momentum) through the
     ReLUs and the direction output is their difference, so d equals the per-tensor-normalised
     m_0.9/√v exactly: meta-training starts from Adam with a per-tensor step RMS of ``step_mult``
-    (design §B3 recommends an Adam-like start; this is it in closed form instead of by regression).
+    (we wanted an Adam-like start; this is it in closed form instead of by regression).
     """
     if kind not in ("adam", "random"):
         raise ValueError(f"init kind must be 'adam' or 'random', got {kind!r}")

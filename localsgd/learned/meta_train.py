@@ -2,7 +2,7 @@
 
 Metz, Maheswaranathan, Cheung & Sohl-Dickstein (ICLR 2019, arXiv 1804.00222) meta-learn an update
 rule's parameters θ by differentiating a task loss through unrolled training; long unrolls are cut
-into truncations. Two estimators of ∇_θ of the meta-loss (``shared/design/optimizers.md`` §B2–B3):
+into truncations. Two estimators of ∇_θ of the meta-loss:
 
 * ``pes`` (default): antithetic truncated Persistent Evolution Strategies (Vicol, Metz &
   Sohl-Dickstein, ICML 2021, PMLR 139 "vicol21a", arXiv 2112.13835). Every task runs twice, with

@@ -1,8 +1,8 @@
 """Meta-train the Metz et al. unsupervised update rule (ICLR 2019, arXiv 1804.00222) on 2 CPU cores.
 
 Truncated backprop through unrolled unsupervised training, as the paper describes its meta-training
-(section number not checked against the PDF; design ``optimizers.md`` §B4, whose numbers are
-unverified; the released code cannot meta-train, so nothing here is from source): every
+(section number not checked against the PDF; the scaled-down settings are ours and unverified against
+the paper; the released code cannot meta-train, so nothing here is from source): every
 meta-step advances ``tasks`` inner problems by ``unroll`` applications of the rule θ, evaluates the
 closed-form ridge few-shot meta-objective (:func:`localsgd.learned.unsupervised.ridge_meta_loss`) on the
 representation at the window's end, back-propagates into θ through the window, then detaches the base

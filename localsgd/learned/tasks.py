@@ -1,8 +1,7 @@
 """The offline task distribution the learned optimizer is meta-trained and evaluated on (no downloads).
 
-Design: ``shared/design/optimizers.md`` §B3, "Meta-training" and test 2. Metz et al. (ICLR 2019,
-arXiv 1804.00222) meta-train over a distribution of tasks so the learned rule generalises beyond any
-one of them; at 2-CPU-core scale the distribution is small fully-connected nets on small data:
+Metz et al. (ICLR 2019, arXiv 1804.00222) meta-train over a distribution of tasks so the learned rule
+generalises beyond any one of them; at 2-CPU-core scale the distribution is small fully-connected nets on small data:
 
 * ``teacher_regression``: inputs x ~ N(0, I_d); targets from a random tanh teacher MLP (d → 32 → 1),
   standardised, plus N(0, 0.1²) noise; a ReLU student MLP; mean squared error.
@@ -226,7 +225,7 @@ def module_loss(spec: TaskSpec, module: nn.Module, x: torch.Tensor, y: torch.Ten
 
 # ---------------------------------------------------------------------------------------------- evaluation sets
 def heldout_suite() -> list[tuple[TaskSpec, int]]:
-    """20 fixed (spec, seed) tasks outside the meta-training distribution (design §B3, test 2)."""
+    """20 fixed (spec, seed) tasks outside the meta-training distribution (our held-out generalisation test)."""
     suite: list[tuple[TaskSpec, int]] = []
     for i in range(4):
         suite.append((TaskSpec("teacher_regression", 24, (48,), 1, 32), 90_000 + i))

@@ -1,6 +1,6 @@
 """The neuron-local unsupervised update rule of Metz, Maheswaranathan, Cheung & Sohl-Dickstein,
 "Meta-Learning Update Rules for Unsupervised Representation Learning" (ICLR 2019, arXiv 1804.00222),
-scaled down to meta-train on 2 CPU cores (design: ``shared/design/optimizers.md`` §B1, §B4). The formulas
+scaled down to meta-train on 2 CPU cores (the scaling-down is ours). The formulas
 below follow the paper's description of the base model, the update rule and the meta-objective and, for
 every constant, the released TF code (tensorflow/models ``research/learning_unsupervised_learning``, files
 named below); the paper's section and equation numbers were not checked against the PDF, so none is cited.

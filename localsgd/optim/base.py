@@ -15,7 +15,7 @@ registry lives here, beside the interface, so that every plugin file can import 
 The learning-rate schedule (linear warm-up, then constant, cosine, step or polynomial decay) is a pure
 function of the local step, which is the same on every rank. The polynomial decay γ_k = ν·k^(−α),
 α ∈ (½, 1), is the large step size Patel & Dieuleveut pair with growing communication intervals
-(NeurIPS 2019, arXiv 1904.11325; ``shared/design/schedules.md`` §2.4); k counts steps after warm-up.
+(NeurIPS 2019, arXiv 1904.11325); k counts steps after warm-up.
 """
 
 from __future__ import annotations

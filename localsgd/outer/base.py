@@ -4,8 +4,7 @@ Local SGD averages the workers' parameters at the end of each round. An *outer o
 average into the next round's starting point: plain local SGD takes the average as it is
 (:class:`~localsgd.outer.average.AverageOuter`); SlowMo (Wang et al., ICLR 2020, arXiv 1910.00643)
 and DiLoCo (Douillard et al., arXiv 2311.08105) treat the round's displacement
-``Δ = x_t − x̄`` as a pseudo-gradient and take a momentum step along it
-(``shared/design/schedules.md`` §7).
+``Δ = x_t − x̄`` as a pseudo-gradient and take a momentum step along it.
 
 Contract with the engine. At every sync, after the all-reduce average, the engine calls
 ``step(global_params, averaged, inner_lr)`` with one flat 1-D tensor per (device, dtype) group:

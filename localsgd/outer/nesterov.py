@@ -1,6 +1,6 @@
 """DiLoCo's outer optimizer: SGD with Nesterov momentum on the pseudo-gradient (Douillard et al., arXiv 2311.08105).
 
-Per outer step t (``shared/design/schedules.md`` §7.2), with x_t the round's start and x̄ the workers'
+Per outer step t (Douillard et al., arXiv 2311.08105, Algorithm 1), with x_t the round's start and x̄ the workers'
 average after the round:
 
     Δ = x_t − x̄                      (pseudo-gradient: descending along it moves toward the workers)

@@ -1,7 +1,7 @@
 """SlowMo: slow momentum at every sync (Wang, Tantia, Ballas, Rabbat, ICLR 2020, arXiv 1910.00643, Alg. 1).
 
 With x_t the round's start, x̄ the workers' average after the round and γ_t the base (inner) learning
-rate (``shared/design/schedules.md`` §7.1; the update is the one fairscale's SlowMo implementation
+rate (the paper's Algorithm 1; the update is the one fairscale's SlowMo implementation
 performs):
 
     u_{t+1} = β u_t + (x_t − x̄) / γ_t
@@ -13,8 +13,8 @@ training does not inflate the old momentum relative to new displacements.
 
 Defaults: α = 1.0 is the paper's slow learning rate without tuning. β = 0.5 is ours: it is the typical
 value in fairscale's documentation and fairseq's tuned default for ≤ 64 GPUs (fairseq uses
-β = 0.0 for ≤ 16 GPUs, 0.2 for ≤ 32, 0.5 for ≤ 64, 0.6 above; tuned on WMT En-De, see schedules.md
-§7.1); the paper's own grid is unverified. Set β from the number of workers.
+β = 0.0 for ≤ 16 GPUs, 0.2 for ≤ 32, 0.5 for ≤ 64, 0.6 above; tuned on WMT En-De, per the comment in
+fairseq's config); the paper's own grid is unverified. Set β from the number of workers.
 
 The step runs in place: x̄'s storage holds x_t − x̄ until u is updated, then x_{t+1}, with the same
 floating-point operations in the same order as the two lines above (bit-identical to computing the

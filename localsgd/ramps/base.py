@@ -5,7 +5,7 @@ the step about to be taken), and ``lr_factor(step)``, a multiplier on the optimi
 (1.0 unless the ramp trades batch growth against LR decay, as ``smith`` does once b_max is reached).
 The global batch is K·b_t. Every rank must compute the same b_t, so a ramp depends only on the step,
 its config, the run's constants (base batch, total steps, world size) and all-reduced values
-(``observe_noise_scale``), like the sync schedules (``shared/design/schedules.md`` §0, §6).
+(``observe_noise_scale``), like the sync schedules.
 
 ``lr_scale(step, batch_size, base_batch, coupling)`` is the whole multiplier the trainer puts on the
 optimizer's LR: ``lr_factor(step)`` times, when ``coupling`` is on and the ramp ``couples_lr``, the

@@ -2,7 +2,8 @@
 
 b_t = min(b_max, round(b_0 · factor^⌊t / every_steps⌋)): a smooth version of the batch increases of
 Smith et al. (ICLR 2018, arXiv 1711.00489) and of the dynamic batch sizes in fast.ai's "ImageNet in
-18 minutes" (schedules.md §6.4). Defaults (ours, not from a paper): factor 2 every 1000 steps, b_max 1024.
+18 minutes" (Howard, Shaw & Bulatov, fast.ai blog post, Aug 2018). Defaults (ours, not from a paper):
+factor 2 every 1000 steps, b_max 1024.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 η = η_base · B / B_ref for a global batch B (the paper: η = 0.1·kn/256 for ResNet-50), reached by a
 linear warm-up from η_base over the first ``warmup_steps`` steps (the paper: 5 epochs). Neither the
 paper's reference batch 256 nor its 5-epoch warm-up is a default here: both are arguments (the
-constants are unverified against the paper's text, schedules.md §6.2).
+constants are unverified against the paper's full text).
 
 Note the warm-up starts *at* η_base (lr(0) = η_base), unlike ``optim.base.lr_at``'s warm-up from
 η/warmup_steps: use one or the other, not both.

@@ -1,7 +1,8 @@
 """Linear ramp: b_t goes linearly from ``b_start`` to ``b_end`` over the steps [start·T, end·T].
 
-A linear batch warm-up of the kind large-batch recipes use before the full batch (cf. the gradual
-schedules in schedules.md §6). b_t = round(b_start + (b_end − b_start)·clip((t − s)/(e − s), 0, 1)),
+A linear batch warm-up of the kind large-batch recipes use before the full batch (cf. Goyal et al.'s gradual
+warm-up, arXiv 1706.02677, and Smith et al.'s batch increases, ICLR 2018, arXiv 1711.00489).
+b_t = round(b_start + (b_end − b_start)·clip((t − s)/(e − s), 0, 1)),
 s = int(start·T), e = int(end·T); when e = s the batch jumps at s.
 
 Defaults (ours): b_start = the trainer's batch size, b_end = 256, ramp over the first half of the run.

@@ -1,7 +1,7 @@
 """The gradient noise scale B_simple and a batch ramp driven by it.
 
 Estimator (McCandlish, Kaplan, Amodei et al., "An Empirical Model of Large-Batch Training",
-arXiv 1812.06162, Appendix A.1; schedules.md §6.3, formulas cross-checked against public
+arXiv 1812.06162, Appendix A.1; formulas cross-checked against public
 implementations, e.g. MosaicML Composer's noise-scale monitor). With squared norms of mean gradients
 over batches of B_small < B_big samples taken *at the same parameters*,
 

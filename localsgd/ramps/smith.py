@@ -2,7 +2,7 @@
 
 A step-decay LR schedule multiplies the LR by ``decay_factor`` f < 1 at each milestone. Smith et al.
 keep the SGD noise scale g ≈ ε·N/B (Smith & Le 2017, arXiv 1710.06451) by multiplying the batch by 1/f
-instead (schedules.md §6.1, [V-abs]); when the batch reaches its maximum they fall back to decaying ε.
+instead (as the paper's abstract states); when the batch reaches its maximum they fall back to decaying ε.
 
 Here, after k milestones the noise-scale target is f^k (relative to step 0) and
 

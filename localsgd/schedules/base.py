@@ -4,7 +4,7 @@ Steps are counted per worker as *optimizer steps completed* (1-based): after the
 step the count is 1. Round r (0-based) is the block of local steps between sync r-1 and sync r and
 lasts ``local_steps(r)`` steps, so the sync that ends round r happens after step
 ``H_0 + ... + H_r``. ``should_sync`` is derived from that cumulative sum, never from ``step % H``,
-because most schedules change H over time (``shared/design/schedules.md`` §0).
+because most schedules change H over time.
 
 Every rank must reach the same decision from the same inputs: a schedule may depend only on the
 step, its config and values that were all-reduced (passed to :meth:`SyncSchedule.observe`). The

@@ -3,7 +3,7 @@
 After the t-th communication (t = 1, 2, …) workers run **N_t = ⌈N₁·t^β⌉** local steps; the last
 round is truncated by the step budget, so Σ N_t covers it exactly and the round count C is the
 smallest with Σ_{t≤C} N_t ≥ T. With β = 1 and N₁ = 1, C(C+1)/2 ≥ T. The paper's exact N_t law is
-unverified (``shared/design/schedules.md`` §2.3): ``N1`` and ``beta`` are knobs with defaults 1.
+unverified against the paper's full text (its §§3–4): ``N1`` and ``beta`` are knobs with defaults 1.
 The ceiling is exact for N₁ and β as written (N₁ = 1.1 gives N_50 = 55, where binary floating point
 gave 56; :mod:`localsgd.schedules.exact`).
 

@@ -9,7 +9,7 @@ floating point gave 28; :mod:`localsgd.schedules.exact`).
 Optionally (``paper_lr: true``, strongly convex problems with known μ and L) the paper's Theorem 2.2
 step size **η_t = 4/(μ(a+t))** with shift **a = max(16κ, H)**, κ = L/μ, and its output, the weighted
 average **x̂_T = (1/S_T) Σ_{t<T} w_t x̄_t, w_t = (a+t)²**, S_T = Σ w_t (the constants are unverified
-against the full text, ``shared/design/schedules.md`` §1.2, so both are config values with the
+against the paper's full text, so both are config values with the
 paper's defaults: ``lr_numerator`` = 4 and ``shift_kappa`` = 16). x̄_t exists only at syncs, but w_t is a
 scalar, so Σ_t w_t x̄_t = (1/K) Σ_k Σ_t w_t x_t^k: each worker keeps its own weighted running sum and
 one all-reduce at the end averages the sums, exactly (:class:`WeightedIterateAverage`).
@@ -119,8 +119,8 @@ class StichConfig:
     paper_lr: bool = False  # η_t = 4/(μ(a+t)) and the (a+t)²-weighted iterate average as the output
     mu: float = 0.0  # strong-convexity constant (needed with paper_lr)
     L: float = 0.0  # smoothness constant (needed with paper_lr)
-    lr_numerator: float = 4.0  # η_t = lr_numerator/(μ(a+t)); Theorem 2.2's 4, unverified (schedules.md §1.2)
-    shift_kappa: float = 16.0  # a = max(shift_kappa·κ, H); Theorem 2.2's 16, unverified (schedules.md §1.2)
+    lr_numerator: float = 4.0  # η_t = lr_numerator/(μ(a+t)); Theorem 2.2's 4, unverified against the full text
+    shift_kappa: float = 16.0  # a = max(shift_kappa·κ, H); Theorem 2.2's 16, unverified against the full text
 
     def build(self, run: RunInfo) -> SyncSchedule:
         return Stich(run.total_local_steps, run.world_size, run.batch_size, self.c, self.H_max)

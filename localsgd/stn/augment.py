@@ -3,7 +3,7 @@
 In a Self-Tuning Network every training example gets its own perturbed hyperparameters (MacKay et
 al., ICLR 2019, arXiv 1903.03088), so augmentation strengths differ *within* a minibatch. The
 official code mutates the dataset per ``__getitem__``; here each operation takes the batch and a
-``[B]`` tensor of strengths and acts on all examples at once (``shared/design/optimizers.md`` §A8).
+``[B]`` tensor of strengths and acts on all examples at once (our design, not the paper's).
 
 * ``input_dropout``: inverted dropout of input elements at rate p_i.
 * ``input_noise``: multiply every input element by u ~ U[1/(1 + r_i), 1 + r_i] (the paper's

@@ -1,11 +1,11 @@
 """Averaging Self-Tuning Networks across local-SGD workers.
 
-Plain rule (``shared/design/optimizers.md`` §A8, a proposal, not from the STN papers): everything
+Plain rule (ours, not from the STN papers): everything
 learnable is a model parameter (elementary and response weights, bottlenecks, and h, s), so local
 SGD's arithmetic mean (Stich, ICLR 2019, arXiv 1805.09767) averages them all, the hyperparameters
 in *unconstrained* space: the mean of h, not of sigmoid(h).
 
-Jacobian-corrected rule (Delta-STN only; also a proposal of §A8): when workers disagree on the
+Jacobian-corrected rule (Delta-STN only; also ours): when workers disagree on the
 hyperparameters, worker k's elementary weights are its best response at *its own* h_k. Before the
 average, each worker moves them to its best-response prediction at the consensus h̄ = mean_k h_k,
 

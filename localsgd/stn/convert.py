@@ -1,7 +1,7 @@
 """Turn an ordinary model into a Self-Tuning Network, in place.
 
-``optimizer=stn`` works with the models of ``localsgd.models`` unchanged (``shared/design/optimizers.md``
-§A8): :func:`to_stn` replaces every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` by its best-response
+``optimizer=stn`` works with the models of ``localsgd.models`` unchanged:
+:func:`to_stn` replaces every ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` by its best-response
 layer (MacKay et al., ICLR 2019, arXiv 1903.03088; the elementary weights are copied, so the
 converted model computes what the original did), wraps every activation module in a dropout site
 whose per-example rate is a tuned hyperparameter (the paper's CNN experiments tune one dropout rate per layer),

@@ -3,7 +3,7 @@
 Self-Tuning Networks (MacKay, Vicol, Lorraine, Duvenaud & Grosse, ICLR 2019, arXiv 1903.03088,
 Algorithm 1) tune hyperparameters λ by gradient descent on the validation loss. Every
 hyperparameter lives in *unconstrained* space, h ∈ R^H, and reaches the model through a transform
-onto its range (``shared/design/optimizers.md`` §A3):
+onto its range (as in the official STN code's hyperparameter transforms):
 
 * bounded (lo, hi):  λ = lo + (hi − lo)·sigmoid(h)          ("s_sigmoid", initialised by the logit)
 * [lo, ∞):           λ = lo + softplus(h)                     ("lower_softplus")
@@ -111,7 +111,7 @@ class HyperSpace(nn.Module):
 
     Being parameters of a module that sits inside the model, h and s are in the model's
     ``state_dict`` (checkpoints) and in ``model.parameters()``, so local SGD averages them with the
-    weights, in unconstrained space (``optimizers.md`` §A8).
+    weights, in unconstrained space (our rule, not from the STN papers).
     """
 
     def __init__(self, specs: list[HParamSpec]) -> None:

@@ -1,4 +1,4 @@
-"""Environment-driven fault injection for the reliability tests (``reliability.md`` §6).
+"""Environment-driven fault injection for the reliability tests (CPU, Gloo).
 
 ``LOCALSGD_FAULT`` holds ``;``-separated faults such as ``kill:rank=1,step=7``,
 ``nan:rank=0,step=5``, ``sleep:rank=1,step=3,secs=999``, ``kill_during_save:rank=0,step=8`` (after

@@ -10,8 +10,8 @@ collective after that is bounded by ``collective_timeout_s`` (:func:`localsgd.di
 
 The parent gives each run a free port and stops waiting when every rank has reported, when a rank
 dies without reporting or when the run exceeds ``timeout_s``; it then kills what is left, so a bug
-fails fast instead of hanging a test suite or a benchmark (``reliability.md``, CPU notes: a free
-port per test, multi-process tests that take seconds).
+fails fast instead of hanging a test suite or a benchmark (a free port per
+run; each multi-process test should take seconds).
 
 Used by the multi-process tests (through ``tests/distributed.py``) and by ``benchmarks/averaging.py``,
 whose shaped-link mode moves each rank into its own network namespace with ``prepare_rank``.
