@@ -35,10 +35,16 @@ class PatelDieuleveut(SyncSchedule):
         if N1 <= 0 or beta < 0:
             raise ValueError(f"patel_dieuleveut needs N1 > 0 and beta >= 0, got N1={N1}, beta={beta}")
         self.N1, self.beta, self.total_steps = N1, beta, total_steps
+        # N_t depends on t alone, and an exact ceiling of a fractional power costs up to milliseconds:
+        # each round's length is computed once (the sync asks for it twice, rounds() for every round).
+        self._n1, self._beta = as_written(N1), as_exponent(beta)
+        self._lengths: dict[int, int] = {}
 
     def local_steps(self, round_index: int) -> int:
-        t = Fraction(round_index + 1)
-        return max(1, ceil_scaled_power(as_written(self.N1), t, as_exponent(self.beta)))
+        n = self._lengths.get(round_index)
+        if n is None:
+            n = self._lengths[round_index] = max(1, ceil_scaled_power(self._n1, Fraction(round_index + 1), self._beta))
+        return n
 
     def rounds(self, total_steps: int | None = None) -> int:
         """Smallest C with Σ_{t≤C} N_t ≥ total steps (the last round truncated)."""
