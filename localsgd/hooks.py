@@ -30,8 +30,6 @@ from .ramps.noise_scale import NoiseScaleEstimator
 from .schedules.stich import WeightedIterateAverage, stich_lr
 from .testing.faults import FaultInjector
 
-HOOK_METHODS = ("before_step", "after_step", "record", "finish")
-
 
 class StepHook:
     """Base class: override only the moments a hook needs (the loop calls only those)."""

@@ -36,7 +36,6 @@ from .state import ReplicaBackup, all_finite
 
 @dataclass
 class PendingAverage:
-    group: Any
     world: int
     handles: list[Any]
     averaged_in_collective: bool
@@ -71,10 +70,10 @@ class BucketedAverage:
                     fb.data.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
             handles = [dist.all_reduce_sum_async(view, group=group, average=averaged)
                        for fb in self.layout.buffers for view in fb.bucket_views]
-        return PendingAverage(group, world, handles, averaged, self.layout.buffers)
+        return PendingAverage(world, handles, averaged, self.layout.buffers)
 
     def start_scanned(self, group: Any, world: int, me: int, *, bad: bool, backup: ReplicaBackup | None,
-                      write_check_words: Callable[[bool, bool], None]) -> tuple[PendingAverage, bool]:
+                      write_check_words: Callable[[bool], None]) -> tuple[PendingAverage, bool]:
         """Launch every bucket, each scanned right before it leaves; the check words, which carry
         this rank's verdict, are written into the last bucket launched. Returns the pending average
         and whether this replica was found non-finite (``bad`` in: the losses already were)."""
@@ -92,9 +91,9 @@ class BucketedAverage:
                     if bad:
                         data.zero_()  # a non-finite replica sends zeros from here on
                     if fb.check_numel and i == last:
-                        write_check_words(bad, averaged)
+                        write_check_words(bad)
                     handles.append(dist.all_reduce_sum_async(view, group=group, average=averaged))
-        return PendingAverage(group, world, handles, averaged, order), bad
+        return PendingAverage(world, handles, averaged, order), bad
 
     def finish(self, pending: PendingAverage) -> None:
         """Wait for every bucket, dividing each as it arrives where the collective summed."""

@@ -48,6 +48,11 @@ def _loss_bits(mean_loss: float) -> tuple[int, ...]:
     return struct.unpack("<4H", struct.pack("<d", mean_loss))
 
 
+def _mean_loss(losses: list[float]) -> float | None:
+    """The mean over ranks of their round losses; None when any rank's is unknown (NaN)."""
+    return None if any(x != x for x in losses) else sum(losses) / len(losses)
+
+
 def encode_fused_slot(values: Sequence[int], nonfinite: bool, mean_loss: float) -> tuple[int, ...]:
     """This rank's 9 words: the digest of ``values``, the non-finite flag and the loss bits."""
     return (*struct.unpack("<4H", digest64(values)), int(nonfinite), *_loss_bits(mean_loss))
@@ -82,8 +87,8 @@ def decode_fused_words(received: Sequence[float], world: int, averaged: bool) ->
     passed = all(out[i : i + 4] == first and out[i + 4] == 0 for i in range(0, n - 1, SLOT_WORDS))
     mean = None
     if passed:
-        losses = [struct.unpack("<d", struct.pack("<4H", *out[i + 5 : i + 9]))[0] for i in range(0, n - 1, SLOT_WORDS)]
-        mean = None if any(x != x for x in losses) else sum(losses) / world
+        mean = _mean_loss([struct.unpack("<d", struct.pack("<4H", *out[i + 5 : i + 9]))[0]
+                           for i in range(0, n - 1, SLOT_WORDS)])
     return FusedVerdict(passed, out[-1] > 0, mean)
 
 
@@ -122,6 +127,5 @@ def decode_full_check(received: Sequence[int], world: int) -> FullVerdict:
     odd = [r for r in range(world) if digests[r] != digests[0]]
     stop = bool(out[base + 2 * world])
     first_loss = base + 2 * world + 1
-    losses = [struct.unpack("<d", struct.pack("<q", x))[0] for x in out[first_loss : first_loss + world]]
-    mean = None if any(x != x for x in losses) else sum(losses) / world
+    mean = _mean_loss([struct.unpack("<d", struct.pack("<q", x))[0] for x in out[first_loss : first_loss + world]])
     return FullVerdict(disagree, bad, odd, stop, mean, out[first_loss + world :])

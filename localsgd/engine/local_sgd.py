@@ -53,7 +53,7 @@ from .check_words import (
     fused_words,
 )
 from .layout import FlatLayout
-from .state import OptimizerStatePolicy, ReplicaBackup, RoundSnapshot
+from .state import LayoutCopy, OptimizerStatePolicy, ReplicaBackup, RoundSnapshot
 from .stats import SyncStats
 
 BUFFER_POLICIES = ("average", "broadcast", "local")
@@ -68,7 +68,6 @@ class _Outcome:
 
     bad: dict[int, int]
     stop: bool
-    mean_loss: float | None
 
 
 def _as_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
@@ -275,19 +274,14 @@ class LocalSGD:
             raise ScheduleDisagreementError(verdict.disagree, verdict.odd_ranks, self.local_step)
         if verdict.bad:
             raise NonFiniteError(verdict.bad, self.local_step, where="the evaluation average")
-        saved = [fb.flat.clone() for fb in self.layout.buffers]
-        buffer_copies = [[b.clone() for b in fb.buffers] for fb in self.layout.buffers]
+        saved = LayoutCopy(self.layout)
         try:
             self.averager.finish(self.averager.start(self.group, world, me))
             self.averager.apply()
             self.stats.eval_bytes += self.payload_bytes
             yield
         finally:
-            with torch.no_grad():
-                for fb, s, bs in zip(self.layout.buffers, saved, buffer_copies):
-                    fb.flat.copy_(s)
-                    for b, c in zip(fb.buffers, bs):
-                        b.copy_(c)
+            saved.restore()
 
     # ------------------------------------------------------------------ the sync
     def _sync(self, advance_schedule: bool = True) -> None:
@@ -325,7 +319,7 @@ class LocalSGD:
             self.backup.clear()
             pending, scanned_bad = self.averager.start_scanned(
                 group, world, me, bad=local_bad >= 0, backup=self.backup,
-                write_check_words=lambda bad, averaged: self._write_check_words(bad, next_h, world, me))
+                write_check_words=lambda bad: self._write_check_words(bad, next_h, world, me))
             self.averager.finish(pending)
             if local_bad < 0 and scanned_bad:
                 local_bad = self.local_step
@@ -335,7 +329,7 @@ class LocalSGD:
             if fused_verdict.passed:
                 self.averager.apply()
                 self.last_round_loss, self._round_loss = fused_verdict.mean_loss, [0.0, 0]
-                return _Outcome({}, fused_verdict.stop, fused_verdict.mean_loss)
+                return _Outcome({}, fused_verdict.stop)
             self.backup.restore()  # every replica as it was; the full check names the cause
         pending = None
         if self.agreement_check == "overlapped" and not fused:
@@ -355,7 +349,7 @@ class LocalSGD:
         if verdict.disagree:
             raise ScheduleDisagreementError(verdict.disagree, verdict.odd_ranks, self.local_step)
         if verdict.bad:
-            return _Outcome(verdict.bad, verdict.stop, verdict.mean_loss)
+            return _Outcome(verdict.bad, verdict.stop)
         with torch.no_grad():
             for b, value in zip(self.layout.int_buffers, verdict.int_buffers):
                 b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
@@ -364,7 +358,7 @@ class LocalSGD:
         self.averager.apply()
         if is_global:
             self._agreed_layout = self.layout.version  # every rank has this layout: fused may take over
-        return _Outcome({}, verdict.stop, verdict.mean_loss)
+        return _Outcome({}, verdict.stop)
 
     def _after_average(self, group: Any, world: int, is_global: bool, advance_schedule: bool) -> None:
         if self.outer is not None and is_global:

@@ -69,31 +69,41 @@ class ReplicaBackup:
         self._saved.clear()
 
 
+class LayoutCopy:
+    """A copy of every flat buffer and averaged buffer (and the integer buffers), put back by :meth:`restore`."""
+
+    def __init__(self, layout: FlatLayout) -> None:
+        self.layout = layout
+        self.flat = [fb.flat.clone() for fb in layout.buffers]
+        self.buffers = [[b.clone() for b in fb.buffers] for fb in layout.buffers]
+        self.int_buffers = [b.clone() for b in layout.int_buffers]  # BatchNorm's step counters too
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for fb, flat, bufs in zip(self.layout.buffers, self.flat, self.buffers):
+                fb.flat.copy_(flat)
+                for b, c in zip(fb.buffers, bufs):
+                    b.copy_(c)
+            for b, c in zip(self.layout.int_buffers, self.int_buffers):
+                b.copy_(c)
+
+
 class RoundSnapshot:
     """The state of the last good sync, for ``on_nonfinite=skip_round``."""
 
     def __init__(self, layout: FlatLayout, optimizers: list[torch.optim.Optimizer]) -> None:
         self.layout, self.optimizers = layout, optimizers
-        self.state: dict[str, Any] | None = None
+        self.replica: LayoutCopy | None = None
+        self.optim: list[Any] = []
 
     def take(self) -> None:
-        self.state = {
-            "flat": [fb.flat.clone() for fb in self.layout.buffers],
-            "buffers": [[b.clone() for b in fb.buffers] for fb in self.layout.buffers],
-            "int_buffers": [b.clone() for b in self.layout.int_buffers],  # BatchNorm's step counters too
-            "optim": [clone_state(opt.state_dict()) for opt in self.optimizers],
-        }
+        self.replica = LayoutCopy(self.layout)
+        self.optim = [clone_state(opt.state_dict()) for opt in self.optimizers]
 
     def restore(self) -> None:
-        assert self.state is not None
-        with torch.no_grad():
-            for fb, flat, bufs in zip(self.layout.buffers, self.state["flat"], self.state["buffers"]):
-                fb.flat.copy_(flat)
-                for b, c in zip(fb.buffers, bufs):
-                    b.copy_(c)
-            for b, c in zip(self.layout.int_buffers, self.state["int_buffers"]):
-                b.copy_(c)
-        for opt, state in zip(self.optimizers, self.state["optim"]):
+        assert self.replica is not None
+        self.replica.restore()
+        for opt, state in zip(self.optimizers, self.optim):
             opt.load_state_dict(clone_state(state))
 
 
