@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         if comm.stop_agreed:
             save(done)
             metrics.write({"event": "preempted", "step": done})
+            if dist.is_main():
+                where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
+                print(f"localsgd: stopped at step {done}, {where}; run the same command to resume",
+                      file=sys.stderr, flush=True)
             raise SystemExit(REQUEUE_EXIT_CODE)
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
@@ -355,13 +360,19 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
 
 
 def install_preemption_handler(stopper: Communicator) -> None:
-    """SIGTERM/SIGUSR1 ask to stop; all ranks agree at the next sync (DDP: the next stop check),
-    checkpoint and exit 75."""
+    """SIGTERM/SIGUSR1 and a first Ctrl-C (SIGINT) ask to stop; all ranks agree at the next sync (DDP:
+    the next stop check), checkpoint and exit 75. A second Ctrl-C stops at once."""
 
     def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if stopper.stop_requested:
+                raise KeyboardInterrupt
+            if dist.is_main():
+                print("\nlocalsgd: Ctrl-C: stopping at the next sync with a checkpoint (Ctrl-C again to stop now)",
+                      file=sys.stderr, flush=True)
         stopper.stop_requested = True
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         try:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. inside a test runner thread)

@@ -175,10 +175,13 @@ def test_wandb_offline_writes_one_run_under_rank0_dir_and_disabled_writes_none(t
         assert wandb_dirs == []
 
 
-@pytest.mark.parametrize(("schedule", "period"), [(["schedule.H=4"], 4),
-                                                  (["schedule=ddp", "schedule.stop_check_every=3"], 3)])
+@pytest.mark.parametrize(("schedule", "period", "signame"), [
+    (["schedule.H=4"], 4, "SIGTERM"), (["schedule=ddp", "schedule.stop_check_every=3"], 3, "SIGTERM"),
+    (["schedule.H=4"], 4, "SIGINT")])
 def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes(
-        tmp_path: Path, schedule: list[str], period: int) -> None:
+        tmp_path: Path, schedule: list[str], period: int, signame: str) -> None:
+    """SIGTERM (a scheduler's preemption) and a first Ctrl-C alike: stop at the next sync with a
+    checkpoint, one line saying where, exit 75; the rerun resumes there."""
     import signal
     import subprocess
     import sys
@@ -207,7 +210,7 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
             if trained_since_start(n_starts) >= 3:  # the loop (and its signal handler) is running
                 break
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, signame))
         out, err = proc.communicate(timeout=60)
         return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
@@ -215,6 +218,8 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
     assert first.returncode == 75, output(first)
     stopped = records(run, "preempted")[-1]["step"]
     assert stopped % period == 0 and (run / f"checkpoints/step-{stopped}/manifest.json").exists()
+    assert f"stopped at step {stopped}, checkpoint step-{stopped}" in first.stderr, output(first)
+    assert "Traceback" not in first.stderr, output(first)
     second = start_and_stop(2)
     assert second.returncode == 75, output(second)
     assert records(run, "start")[-1] == {**records(run, "start")[-1], "resumed": True, "step": stopped}
