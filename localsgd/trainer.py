@@ -363,10 +363,17 @@ def install_preemption_handler(stopper: Communicator) -> None:
     """SIGTERM/SIGUSR1 and a first Ctrl-C (SIGINT) ask to stop; all ranks agree at the next sync (DDP:
     the next stop check), checkpoint and exit 75. A second Ctrl-C stops at once."""
 
+    first_ctrl_c: list[float] = []
+
     def handler(signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
-            if stopper.stop_requested:
+            # Under torchrun a Ctrl-C reaches each worker twice (from the terminal, then forwarded by the
+            # launcher): only a second press, a moment later, stops at once.
+            if first_ctrl_c and time.monotonic() - first_ctrl_c[0] > 2.0:
                 raise KeyboardInterrupt
+            if first_ctrl_c:
+                return
+            first_ctrl_c.append(time.monotonic())
             if dist.is_main():
                 print("\nlocalsgd: Ctrl-C: stopping at the next sync with a checkpoint (Ctrl-C again to stop now)",
                       file=sys.stderr, flush=True)
