@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# GPU image: CUDA PyTorch from the base image, localsgd installed editable (so configs/ at the
-# repository root is found next to the package, as with `make setup`), run as a non-root user.
+# GPU image: CUDA PyTorch from the base image, localsgd installed from its wheel (not editable, configs
+# inside the package, as `pip install .` does for a user), run as a non-root user.
 #
 #   docker build -t localsgd:gpu .
 #   docker run --rm --gpus all --ipc=host -v "$PWD/outputs:/app/outputs" localsgd:gpu
@@ -15,6 +15,17 @@
 # torch must be >= 2.4 (pyproject.toml); launch/slurm.sbatch passes SIGUSR1 through torchrun only on
 # versions with `torchrun --signals-to-handle`, and falls back to SIGTERM otherwise.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
+
+# Stage 1: the wheel, built from what it packages (code, configs, metadata) and nothing else.
+FROM ${BASE_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY localsgd localsgd
+COPY configs configs
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -m pip wheel --no-deps --wheel-dir /dist .
+
+# Stage 2: the image.
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -30,20 +41,24 @@ RUN if ! getent passwd 1000 >/dev/null; then useradd --create-home --uid 1000 --
  && mkdir -p /app && chown 1000:1000 /app
 WORKDIR /app
 
-# Dependencies in their own layer, rebuilt only when pyproject.toml changes: an empty placeholder
-# package lets pip install the project's requirements before the source is copied. torch is already in
-# the base image and satisfies torch>=2.4, so pip keeps that CUDA build.
-COPY pyproject.toml README.md ./
+# Dependencies in their own layer, rebuilt only when pyproject.toml changes: the requirements are read
+# from it (tomllib: Python >= 3.11, as in the base image). torch is already in the base image and
+# satisfies torch>=2.4, so pip keeps that CUDA build.
+COPY pyproject.toml /tmp/pyproject.toml
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir localsgd && touch localsgd/__init__.py \
- && python -m pip install -e '.[slurm]' \
- && rm -rf localsgd localsgd.egg-info
+    python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['slurm'], sep=chr(10))" > /tmp/requirements.txt \
+ && python -m pip install -r /tmp/requirements.txt \
+ && rm /tmp/pyproject.toml /tmp/requirements.txt
 
-# The source last; re-register the editable install (cheap, no dependencies).
-COPY --chown=1000:1000 . .
-RUN --mount=type=cache,target=/root/.cache/pip \
-    python -m pip install --no-deps -e . \
- && mkdir -p outputs "$LOCALSGD_CACHE_DIR" \
+# The package itself (its requirements are already met, so pip only checks them). /app holds no
+# source tree, so `python -m localsgd.train` imports the installed package and reads its packaged
+# configs; the launch scripts are the only files copied from the repository.
+RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    whl=$(echo /tmp/dist/localsgd-*.whl) \
+ && python -m pip install --no-cache-dir "${whl}[slurm]"
+COPY --chown=1000:1000 launch launch
+RUN mkdir -p outputs "$LOCALSGD_CACHE_DIR" \
  && chown 1000:1000 outputs "$LOCALSGD_CACHE_DIR" "$(dirname "$LOCALSGD_CACHE_DIR")"
 
 USER 1000

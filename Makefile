@@ -28,7 +28,7 @@ test: setup
 	$(PY) -m pytest $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check localsgd tests benchmarks
+	$(VENV)/bin/ruff check localsgd tests benchmarks examples
 
 bench-quick: setup
 	$(PY) benchmarks/averaging.py --quick

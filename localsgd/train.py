@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -25,8 +26,25 @@ from .errors import ConfigError
 
 
 def config_dir() -> str:
-    """``configs/`` of the source tree (editable installs, Docker), or ``$LOCALSGD_CONFIG_DIR``."""
-    return os.environ.get("LOCALSGD_CONFIG_DIR") or str(Path(__file__).resolve().parent.parent / "configs")
+    """The Hydra config directory: ``$LOCALSGD_CONFIG_DIR``, else the checkout's ``configs/``, else the packaged copy.
+
+    A checkout (run from the source tree, or an editable install) reads the top-level ``configs/``,
+    the one copy of the YAML, so edits there take effect without reinstalling. A wheel carries that
+    directory as ``localsgd/configs`` (see ``pyproject.toml``); the checkout is recognised by its
+    ``pyproject.toml`` next to ``configs/``, so an unrelated ``configs/`` beside an installed package
+    in site-packages is never taken for ours.
+    """
+    chosen = os.environ.get("LOCALSGD_CONFIG_DIR")
+    if chosen:
+        return chosen
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "config.yaml").is_file():
+        return str(checkout / "configs")
+    packaged = resources.files("localsgd").joinpath("configs")
+    if not packaged.joinpath("config.yaml").is_file():
+        raise ConfigError(f"no config.yaml in {packaged}: this localsgd install lacks its configs; reinstall it, "
+                          "or point LOCALSGD_CONFIG_DIR at a configs/ directory")
+    return str(packaged)
 
 
 def unknown_option(args: list[str], configs: Path) -> str | None:
