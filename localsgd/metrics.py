@@ -8,6 +8,7 @@ appears exactly once in a run that was killed and restarted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,16 +18,23 @@ from . import dist
 
 
 class MetricsLog:
-    """Append-only JSON-lines log of events (one object per line, each with an ``event`` field)."""
+    """Append-only JSON-lines log of events (one object per line, each with an ``event`` field).
+
+    The file stays open for the run and every record is flushed as it is written, so a crash loses no
+    written record and a log line costs one ``write`` rather than an open and a close. Non-finite
+    floats are written as ``null``: bare ``NaN``/``Infinity`` are not JSON and strict parsers reject them.
+    """
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
+        self._file: Any = None
 
     def truncate_after(self, step: int) -> None:
         """Drop step-stamped records after ``step`` (left by a run that died after its checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
+        self.close()
         kept = []
         for line in self.path.read_text().splitlines():
             try:
@@ -40,9 +48,28 @@ class MetricsLog:
         os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if not self.enabled:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115 -- held for the run, closed by close()
+        self._file.write(json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class Tracker:

@@ -191,6 +191,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     for hook in hooks:
         summary.update(hook.summary())
     metrics.write({"event": "final", "step": final_step, **summary})
+    metrics.close()
     tracker.log({f"final/{k}": v for k, v in summary.items() if isinstance(v, int | float)}, step=final_step)
     tracker.finish()
     if dist.is_main():
@@ -354,8 +355,10 @@ def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     import json
 
+    from .metrics import json_safe
+
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -226,15 +226,37 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
 
 
 def test_hung_rank_turns_into_a_timeout_error_not_a_hang(tmp_path: Path) -> None:
+    """Rank 1 sleeps inside step 3; rank 0's next collective must end in a CollectiveTimeout naming it.
+
+    The two ranks are started directly (the environment torchrun would give them), so the test waits for
+    rank 0 and then kills the sleeper, instead of waiting out torchrun's 30 s SIGTERM-to-SIGKILL grace.
+    """
+    import subprocess
+    import sys
     import time
 
+    from .distributed import free_port
+    from .launch_helpers import env_for
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "localsgd.train", f"hydra.run.dir={tmp_path / 'run'}", *TINY, "schedule.H=4",
+           "checkpoint=off", "comm.train_timeout_s=4"]
+    ranks = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env_for(tmp_path, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                          LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                          LOCALSGD_FAULT="sleep:rank=1,step=3,secs=600"))
+             for r in range(2)]
     begin = time.monotonic()
-    proc = torchrun(tmp_path, tmp_path / "run", [*TINY, "schedule.H=4", "checkpoint=off", "comm.train_timeout_s=4"],
-                    LOCALSGD_FAULT="sleep:rank=1,step=3,secs=600")
-    took = time.monotonic() - begin
-    assert proc.returncode != 0
-    assert "CollectiveTimeout" in proc.stderr + proc.stdout and "rank 0" in proc.stderr + proc.stdout
-    assert took < 200  # the sleeping rank would take 600 s: the timeout, not the sleep, ended the run
+    try:
+        out0, _ = ranks[0].communicate(timeout=120)  # the sleeping rank would take 600 s
+        took = time.monotonic() - begin
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.wait()
+    assert ranks[0].returncode != 0, out0
+    assert "CollectiveTimeout" in out0 and "rank 0" in out0, out0
+    assert took < 100, took  # the timeout (4 s), not the sleep, ended rank 0
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
