@@ -19,12 +19,17 @@ from .engine import SyncStats
 @runtime_checkable
 class Communicator(Protocol):
     stats: SyncStats
+    local_step: int  # local optimizer steps taken so far
     stop_requested: bool  # set locally (a signal); agreed at the next communication
     stop_agreed: bool  # some rank asked to stop, known to every rank at the same step
 
     @property
     def in_sync(self) -> bool:
         """Every replica is identical now (a checkpoint may be taken)."""
+
+    @property
+    def round_steps(self) -> int:
+        """H of the current round: local steps between the last communication and the next one."""
 
     def step(self, loss: torch.Tensor | float | None = None) -> bool:
         """Count one local optimizer step; True when it ended a communication round."""

@@ -81,6 +81,10 @@ class DDPBaseline:
     def averaged(self) -> Iterator[None]:
         yield
 
+    @property
+    def round_steps(self) -> int:
+        return 1  # a gradient all-reduce at every step
+
     def describe(self) -> str:
         return "ddp"
 

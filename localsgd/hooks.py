@@ -133,6 +133,35 @@ class StichIterateAverage(StepHook):
         self.average.load_state_dict(state)
 
 
+class RoundLengthHistory(StepHook):
+    """The current H in every train record, and its history (``[step, H]`` at each change) in the summary.
+
+    Read when a record is written, so it costs nothing between records and the history has the
+    records' resolution; checkpointed, so a resumed run reports the whole run's history.
+    """
+
+    name = "round_lengths"
+
+    def __init__(self, communicator: Any) -> None:
+        self.communicator = communicator
+        self.history: list[list[int]] = [[communicator.local_step, communicator.round_steps]]
+
+    def record(self) -> dict[str, Any]:
+        h = self.communicator.round_steps
+        if not self.history or self.history[-1][1] != h:
+            self.history.append([self.communicator.local_step, h])
+        return {"H": h}
+
+    def summary(self) -> dict[str, Any]:
+        return {"final_H": self.communicator.round_steps, "h_history": self.history}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [list(map(int, pair)) for pair in state["history"]]
+
+
 class FaultHook(StepHook):
     """Injected faults (NaN, sleep, kill) at a rank and step, for the reliability tests."""
 

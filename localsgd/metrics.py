@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,38 @@ class Tracker:
             self.run.finish()
 
 
+class RunLog:
+    """Rank 0's text log: ``train.log`` in the run directory, and what the console shows.
+
+    The banner, the resume point, stops and the summary go to both; progress and evaluation lines go
+    to the file always and to the console only when the progress bar is off (under Slurm, say), so a
+    crashed or batch-run job still says what it did. Each file line starts with a UTC time stamp; the
+    file is appended to, so a resumed run continues its log.
+    """
+
+    def __init__(self, path: Path, enabled: bool, console_progress: bool) -> None:
+        self.enabled = enabled
+        self.console_progress = console_progress
+        self._file: Any = open(path, "a") if enabled else None  # noqa: SIM115 -- held for the run
+
+    def say(self, text: str, *, console: bool = True, stream: Any = None) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(text, file=stream or sys.stdout, flush=True)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._file.write("".join(f"{stamp} {line}\n" for line in text.strip("\n").splitlines()))
+        self._file.flush()
+
+    def progress(self, text: str) -> None:
+        self.say(text, console=self.console_progress)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class Progress:
     """A rank-0 tqdm bar showing loss, accuracy and communication so far."""
 
@@ -110,6 +143,10 @@ class Progress:
             self.bar = tqdm(total=total, initial=initial, desc="local SGD", unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=0.5)
 
+    @property
+    def shows_bar(self) -> bool:
+        return self.bar is not None
+
     def update(self, n: int, **postfix: str) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
@@ -118,6 +155,25 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def git_commit() -> str | None:
+    """The commit of the localsgd checkout this code runs from (``+dirty`` if modified), else None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None  # an installed package: no checkout to ask
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def human_bytes(n: float) -> str:

@@ -35,11 +35,11 @@ from . import ramps as ramp_lib
 from . import schedules as schedule_lib
 from .checkpoint import Checkpointer
 from .communicator import Communicator
-from .config import TrainConfig
+from .config import TrainConfig, check_batch_fits_shard
 from .engine import LocalSGD, SyncStats
 from .errors import CheckpointError
-from .hooks import FaultHook, NoiseScaleProbe, StepHook, StichIterateAverage, overriding
-from .metrics import MetricsLog, Progress, Tracker, human_bytes, summary_table
+from .hooks import FaultHook, NoiseScaleProbe, RoundLengthHistory, StepHook, StichIterateAverage, overriding
+from .metrics import MetricsLog, Progress, RunLog, Tracker, git_commit, human_bytes, summary_table
 from .sampler import ShardSampler, ValidationShard
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after committing a checkpoint; rerun to resume
@@ -68,6 +68,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         keep = validation.train_index.to(device)
         x_train, y_train = x_train[keep], y_train[keep]
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
+    check_batch_fits_shard(cfg, ramp, len(y_train), world)  # ConfigError before the first batch, not OOM
     comm, step_model = build_communicator(cfg, model, plugin, ramp, world, config_digest)
     sampler = ShardSampler(len(y_train), rank, world, tc.seed)
     # Different dropout/augmentation noise per rank, deterministic for the seed.
@@ -83,7 +84,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_latest_k,
                         cfg.checkpoint.fallback)
-    wall_before, wandb_id = 0.0, None
+    wall_before, wandb_id, resumed_from = 0.0, None, None
     # Per-rank state beyond the communicator's, checkpointed and restored by name.
     extra_state: dict[str, Any] = {"ramp": ramp, **({"validation": validation} if validation is not None else {}),
                                    **{h.name: h for h in hooks if hasattr(h, "state_dict")}}
@@ -96,12 +97,16 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             for key, component in extra_state.items():
                 component.load_state_dict(rank_state[key])
             start_step, wall_before = found.step, float(found.manifest.get("wall_seconds", 0.0))
+            resumed_from = found.path
             wandb_id = found.manifest.get("wandb_id")
             metrics.truncate_after(start_step)
     tracker = Tracker(cfg.logging.wandb, run_dir, config_items, cfg.logging.project, cfg.logging.entity,
                       cfg.logging.group, cfg.logging.name, wandb_id)
     metrics.write({"event": "start", "step": start_step, "world_size": world, "backend": dist.backend(),
-                   "restart_count": dist.restart_count(), "resumed": start_step > 0})
+                   "restart_count": dist.restart_count(), "resumed": start_step > 0,
+                   "resumed_from": None if resumed_from is None else str(resumed_from)})
+    runlog = RunLog(run_dir / "train.log", dist.is_main(), console_progress=True)
+    runlog.say(banner(cfg, run_dir, comm, ramp, world, device, start_step, resumed_from))
     install_preemption_handler(comm)
 
     def save(step: int) -> None:
@@ -118,6 +123,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     # ---- the loop: draw a batch, one local step, the communicator, then log / evaluate / checkpoint
     before_step, after_step, records = (overriding(hooks, m) for m in ("before_step", "after_step", "record"))
     progress = Progress(tc.max_steps, start_step, tc.progress)
+    runlog.console_progress = not progress.shows_bar  # with the bar on, progress lines go to train.log only
+    progress_every = max(1, tc.max_steps // 20)
     window: list[optim_lib.StepOutput] = []  # reduced only when logged: no per-step host sync
     batch_size = tc.batch_size
     for step in range(start_step, tc.max_steps):
@@ -148,11 +155,14 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             tracker.log({k: v for k, v in record.items() if k != "event"}, step=done)
             progress.update(len(window), loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                             rounds=str(record["comm_rounds"]), comm=human_bytes(record["comm_bytes"]))
+            if done // progress_every != (done - len(window)) // progress_every or done == tc.max_steps:
+                runlog.progress(progress_line(record, tc.max_steps))
             window.clear()
         if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
             ev = evaluate_averaged(model, comm, x_test, y_test, tc.eval_batch_size)
             metrics.write({"event": "eval", "step": done, **ev})
             tracker.log(ev, step=done)
+            runlog.progress(f"eval at step {done}: loss {ev['eval_loss']:.4f}, accuracy {ev['eval_accuracy']:.4f}")
         # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
         # They come after this step's records, so a crash after the commit loses no record and a crash
         # before it leaves records that the resume truncates and writes again.
@@ -161,10 +171,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         if comm.stop_agreed:
             save(done)
             metrics.write({"event": "preempted", "step": done})
-            if dist.is_main():
-                where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
-                print(f"localsgd: stopped at step {done}, {where}; run the same command to resume",
-                      file=sys.stderr, flush=True)
+            where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
+            runlog.say(f"localsgd: stopped at step {done}, {where}; run the same command to resume", stream=sys.stderr)
             raise SystemExit(REQUEUE_EXIT_CODE)
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
@@ -186,7 +194,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         "world_size": world, "backend": dist.backend(), "schedule": comm.describe(),
         "optimizer": cfg.optimizer.name, "data": cfg.data.name, "model": cfg.model.name,
         "outer": cfg.outer.name, "ramp": ramp.describe(), "final_batch_size": ramp.batch_size(final_step - 1),
-        "noise_scale_bytes": 0, "restart_count": dist.restart_count(), "run_dir": str(run_dir),
+        "restart_count": dist.restart_count(), "run_dir": str(run_dir), "seed": tc.seed,
+        "torch": torch.__version__, "git_commit": git_commit(),
     }
     for hook in hooks:
         summary.update(hook.summary())
@@ -196,7 +205,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     tracker.finish()
     if dist.is_main():
         write_json_atomic(run_dir / "summary.json", summary)
-        print(f"\nrun directory: {run_dir}\n{summary_table(summary)}", flush=True)
+    runlog.say(f"\nrun directory: {run_dir}\n{summary_table(summary)}")
+    runlog.close()
     return summary
 
 
@@ -232,7 +242,7 @@ def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.Opt
 def build_hooks(cfg: TrainConfig, ramp: Any, comm: Communicator, world: int, finished: Any) -> list[StepHook]:
     """The step hooks the chosen components ask for, by capability (combinations they cannot serve,
     such as ramp=noise_scale at one worker, were refused by ``config.check_config`` before start)."""
-    hooks: list[StepHook] = []
+    hooks: list[StepHook] = [RoundLengthHistory(comm)]
     if ramp.observes_noise_scale:
         hooks.append(NoiseScaleProbe(cfg.ramp, ramp, world, comm))
     sc = cfg.schedule
@@ -243,6 +253,26 @@ def build_hooks(cfg: TrainConfig, ramp: Any, comm: Communicator, world: int, fin
 
 
 # ---------------------------------------------------------------------- helpers of the loop
+def banner(cfg: TrainConfig, run_dir: Path, comm: Communicator, ramp: Any, world: int, device: torch.device,
+           start_step: int, resumed_from: Path | None) -> str:
+    """What rank 0 says before the first step: where the run lives, what it runs, where it starts."""
+    opt = cfg.optimizer
+    lr = f" (lr {opt.lr})" if hasattr(opt, "lr") else ""
+    start = (f"resuming from {resumed_from.name} of {run_dir} (step {start_step} of {cfg.trainer.max_steps})"
+             if resumed_from is not None else f"new run, {cfg.trainer.max_steps} steps")
+    return (f"localsgd: run directory {run_dir}\n"
+            f"  {world} worker(s), {dist.backend()} on {device}; seed {cfg.trainer.seed}; data {cfg.data.name}, "
+            f"model {cfg.model.name}, batch {cfg.trainer.batch_size} per worker\n"
+            f"  schedule {comm.describe()}, optimizer {opt.name}{lr}, ramp {ramp.describe()}, outer {cfg.outer.name}\n"
+            f"  {start}")
+
+
+def progress_line(record: dict[str, Any], max_steps: int) -> str:
+    return (f"step {record['step']}/{max_steps}: loss {record['loss']:.4f}, accuracy {record['accuracy']:.4f}, "
+            f"lr {record['lr']:.4g}, batch {record['batch_size']}, H {record.get('H', '-')}, "
+            f"rounds {record['comm_rounds']}, comm {human_bytes(record['comm_bytes'])}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from localsgd.metrics import human_bytes
+
 from .launch_helpers import TINY, output, records, single, torchrun
 
 pytestmark = pytest.mark.slow
@@ -35,6 +37,23 @@ def test_two_rank_run_writes_one_run_dir_with_metrics_and_summary(tmp_path: Path
     assert [r["step"] for r in train] == [10, 20, 30, 40]
     assert [r["step"] for r in records(run_dir, "eval")] == [20]
     assert "run directory:" in proc.stdout and "communication rounds" in proc.stdout
+    # Rank 0 says where the run lives before the first step, and the train records say the current H.
+    assert proc.stdout.index(f"localsgd: run directory {run_dir}") < proc.stdout.index("communication rounds")
+    assert proc.stdout.count("localsgd: run directory") == 1  # once, by rank 0
+    assert "2 worker(s), gloo on cpu; seed 0" in proc.stdout and "schedule fixed(H=4)" in proc.stdout
+    assert [r["H"] for r in train] == [4, 4, 4, 4]
+    assert summary["final_H"] == 4 and summary["h_history"] == [[0, 4]]
+    assert summary["seed"] == 0 and summary["torch"] == torch.__version__ and "git_commit" in summary
+    # train.log: the console's text without the bar (the bar is off here, so progress lines show too).
+    log = (run_dir / "train.log").read_text().splitlines()
+    assert log[0].endswith(f"localsgd: run directory {run_dir}") and "  new run, 40 steps" in log[3]
+    assert any(line.endswith("step 40/40: loss " + f"{train[-1]['loss']:.4f}" + ", accuracy "
+                             + f"{train[-1]['accuracy']:.4f}" + ", lr 0.1, batch 16, H 4, rounds 10, comm "
+                             + human_bytes(summary["comm_bytes"])) for line in log), log
+    assert any(line.endswith("eval at step 20: loss " + f"{records(run_dir, 'eval')[0]['eval_loss']:.4f}"
+                             + ", accuracy " + f"{records(run_dir, 'eval')[0]['eval_accuracy']:.4f}")
+               for line in log), log
+    assert any("communication rounds" in line for line in log)  # the summary table
 
 
 def test_single_process_runs_without_torchrun(tmp_path: Path) -> None:
@@ -42,6 +61,7 @@ def test_single_process_runs_without_torchrun(tmp_path: Path) -> None:
     assert proc.returncode == 0, output(proc)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["comm_rounds"] == 5
+    assert summary["comm_bytes"] == 0 and summary["comm_check_bytes"] == 0  # a group of one sends nothing
 
 
 def test_ddp_baseline_runs_through_the_same_loop(tmp_path: Path) -> None:
@@ -222,7 +242,9 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
     assert "Traceback" not in first.stderr, output(first)
     second = start_and_stop(2)
     assert second.returncode == 75, output(second)
-    assert records(run, "start")[-1] == {**records(run, "start")[-1], "resumed": True, "step": stopped}
+    assert records(run, "start")[-1] == {**records(run, "start")[-1], "resumed": True, "step": stopped,
+                                         "resumed_from": str(run / "checkpoints" / f"step-{stopped}")}
+    assert f"resuming from step-{stopped} of {run}" in second.stdout, output(second)
 
 
 def test_hung_rank_turns_into_a_timeout_error_not_a_hang(tmp_path: Path) -> None:

@@ -253,6 +253,13 @@ class LocalSGD:
         """True when no local step was taken since the last average (replicas are identical)."""
         return self.local_step == self.last_global_sync_step and (self.stats.rounds > 0 or self.local_step == 0)
 
+    @property
+    def round_steps(self) -> int:
+        """H of the current round (the schedule's length for the round after the last sync)."""
+        if self.schedule.next_sync_step is None:  # before the first step: round 0's length
+            return self.schedule.local_steps(0)
+        return self.schedule.next_sync_step - self.last_sync_step
+
     def describe(self) -> str:
         return self.schedule.describe()
 
@@ -365,9 +372,10 @@ class LocalSGD:
             # Hierarchical: group averages are part of the inner optimisation; the outer step sees
             # the round from the last global average x_t to the global average now (DiLoCo over nodes).
             self._outer_step()
-        self.stats.bytes += self.optimizer_state.apply(group, world)
+        sent = self.optimizer_state.apply(group, world) + self.payload_bytes
         self.stats.rounds += 1
-        self.stats.bytes += self.payload_bytes
+        if world > 1:  # a group of one sends nothing: its "average" is a local no-op
+            self.stats.bytes += sent
         if is_global:
             self.last_global_sync_step = self.local_step
         self._consecutive_skips = 0
@@ -469,7 +477,8 @@ class LocalSGD:
         values = [*self._check_values(next_h), *(int(b) for b in self.layout.int_buffers)]
         slot = encode_fused_slot(values, nonfinite, self._mean_round_loss())
         words = fused_words(tail.numel(), world, me, slot, self.stop_requested)
-        self.stats.check_bytes += tail.numel() * tail.element_size()  # the whole tail is submitted
+        if world > 1:  # the whole tail is submitted (a group of one sends nothing)
+            self.stats.check_bytes += tail.numel() * tail.element_size()
         if self.layout.check_tail_np is not None:
             self.layout.check_tail_np[:] = words
         else:
@@ -481,7 +490,8 @@ class LocalSGD:
                                   self._mean_round_loss(), [int(b) for b in self.layout.int_buffers])
         device = self.layout.buffers[0].flat.device if self.layout.buffers else torch.device("cpu")
         vec = torch.tensor(words, dtype=torch.int64, device=device)  # one host-to-device copy
-        self.stats.check_bytes += vec.numel() * vec.element_size()
+        if world > 1:
+            self.stats.check_bytes += vec.numel() * vec.element_size()
         return vec, dist.all_reduce_max_async(vec, group=group)
 
     def _finish_full_check(self, check: tuple[torch.Tensor, Any], world: int) -> FullVerdict:
