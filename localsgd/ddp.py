@@ -43,9 +43,10 @@ class DDPBaseline:
         # DDP inspects the hook's annotations; leave them off.
         def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
             tensor = bucket.buffer()
-            stats.bytes += tensor.numel() * tensor.element_size()
             begin = time.perf_counter()
             work = dist.all_reduce_sum_async(tensor, average=averages)
+            if work is not None:  # a group of one sends nothing
+                stats.bytes += tensor.numel() * tensor.element_size()
 
             def finish(fut):  # type: ignore[no-untyped-def]
                 stats.seconds += time.perf_counter() - begin
