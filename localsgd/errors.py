@@ -41,3 +41,7 @@ class CheckpointError(LocalSGDError):
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the full key and the value."""
+
+
+class RunDirBusyError(CheckpointError):
+    """Another live job holds the run directory's lock; the message names its pid, host and start time."""
