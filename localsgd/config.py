@@ -18,7 +18,9 @@ and the value of each problem.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from . import dist
 from .errors import ConfigError
+
+MAX_STEPS = 10**12  # local steps: a bound far beyond any run that ends, and an error for one that would not
+MAX_SEED = 2**32 - 1  # the widest seed that random, numpy's legacy seeding and torch.manual_seed all take
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a collective timeout beyond a week is a typo (and inf/1e308 overflow timedelta)
 
 
 @dataclass
@@ -48,6 +54,12 @@ class TrainerConfig:
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.max_steps < 1:
             yield "max_steps", self.max_steps, "must be >= 1"
+        elif self.max_steps > MAX_STEPS:
+            yield "max_steps", self.max_steps, f"must be <= {MAX_STEPS:,} (a run that would never end)"
+        if not 0 <= self.seed <= MAX_SEED:
+            # torch.manual_seed takes 64 bits and the data order seeds with seed * 1_000_003 + epoch;
+            # numpy's legacy seeding takes 32 bits: [0, 2**32 - 1] fits all of them.
+            yield "seed", self.seed, f"must be in [0, {MAX_SEED}] (2**32 - 1)"
         if self.batch_size < 1:
             yield "batch_size", self.batch_size, "must be >= 1"
         if self.eval_every < 0:
@@ -103,8 +115,11 @@ class CommConfig:
         if self.backend not in ("auto", "gloo", "nccl"):
             yield "backend", self.backend, "must be auto, gloo or nccl"
         for key in ("init_timeout_s", "train_timeout_s"):
-            if not getattr(self, key) > 0:
-                yield key, getattr(self, key), "must be > 0 seconds"
+            # Finite and bounded: the value becomes a datetime.timedelta of the process group, and an
+            # infinite timeout would turn a dead peer into a hang instead of an error.
+            seconds = getattr(self, key)
+            if not (seconds > 0 and math.isfinite(seconds) and seconds <= MAX_TIMEOUT_S):
+                yield key, seconds, f"must be > 0 and <= {MAX_TIMEOUT_S:.0f} seconds (7 days)"
 
 
 @dataclass
@@ -202,12 +217,37 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("localsgd_run_id", run_id, use_cache=True)
 
 
-def _unknown_keys(node: Any, schema: type, prefix: str) -> Iterator[str]:
+def close_keys(key: str, valid: list[str]) -> list[str]:
+    """The valid keys that ``key`` is a likely misspelling of (case-blind: ``schedule.h`` finds ``H``)."""
+    by_lower = {v.lower(): v for v in valid}
+    return [by_lower[m] for m in difflib.get_close_matches(key.lower(), list(by_lower), n=3, cutoff=0.6)]
+
+
+def did_you_mean(suggestions: list[str]) -> str:
+    return f" (did you mean {' or '.join(suggestions)}?)" if suggestions else ""
+
+
+def unknown_keys_message(assignments: list[tuple[str, list[str]]]) -> str:
+    """The one line for keys no schema has: ``key=value`` with its likely spellings, for each key."""
+    named = ", ".join(f"{assignment}{did_you_mean(close)}" for assignment, close in assignments)
+    return f"unknown config key(s): {named}; check the spelling or the selected group option"
+
+
+def suggest_keys(full_key: str, schema: Any) -> list[str]:
+    """Full keys like ``full_key`` among the fields of ``schema``, the dataclass of its parent node."""
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        return []
+    prefix, _, leaf = full_key.rpartition(".")
+    return [f"{prefix}.{k}" if prefix else k for k in close_keys(leaf, [f.name for f in dataclasses.fields(schema)])]
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """``(full key, likely spellings)`` for each key of ``node`` that ``schema`` (a dataclass) lacks."""
     names = {f.name: f for f in dataclasses.fields(schema)}
     for key in node.keys() if isinstance(node, DictConfig) else []:
         full = f"{prefix}{key}"
         if key not in names:
-            yield full
+            yield full, suggest_keys(full, schema)
             continue
         child = node._get_node(key)
         child_type = OmegaConf.get_type(node, key) if isinstance(child, DictConfig) else None
@@ -238,9 +278,9 @@ def check_config(cfg: DictConfig, world_size: int | None = None, local_world_siz
         except KeyError as exc:
             raise ConfigError(f"{group}.name={name!r}: {exc.args[0]}") from None
         unknown += list(_unknown_keys(node, entry.config_cls, f"{group}."))
+    unknown = list(dict(unknown).items())  # a group's node is walked from the root and as its group: once each
     if unknown:
-        values = ", ".join(f"{k}={OmegaConf.select(cfg, k)!r}" for k in unknown)
-        raise ConfigError(f"unknown config key(s): {values}; check the spelling or the selected group option")
+        raise ConfigError(unknown_keys_message([(f"{k}={OmegaConf.select(cfg, k)!r}", close) for k, close in unknown]))
     obj: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     problems = []
     for section in dataclasses.fields(obj):
@@ -321,19 +361,6 @@ def _ramp_and_batch_size(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
                "(ramp.b_start=null starts there) and the batch never shrinks; raise ramp.b_end or set ramp.b_start")
 
 
-def _post_local_switch(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
-    from .optim import first_decay_step
-
-    if cfg.schedule.name != "post_local" or cfg.schedule.switch_step != -1:
-        return
-    decay = getattr(cfg.optimizer, "lr_decay", "none")
-    milestones = list(getattr(cfg.optimizer, "decay_milestones", []))
-    if first_decay_step(decay, cfg.trainer.max_steps, milestones) is None:
-        which = "optimizer.decay_milestones=[]" if decay == "step" else f"optimizer.lr_decay={decay!r}"
-        yield (f"schedule.switch_step=-1: switches at the first LR decay, but {which} has none; "
-               "set optimizer.lr_decay=step (with optimizer.decay_milestones) or an explicit schedule.switch_step")
-
-
 def _hierarchical_groups(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
     if cfg.schedule.name != "hierarchical":
         return
@@ -407,9 +434,39 @@ def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
 
 
 COMBINATION_RULES: tuple[Callable[[TrainConfig, Launch], Iterator[str]], ...] = (
-    _smith_ramp_and_lr_decay, _ddp_baseline, _noise_scale_workers, _ramp_and_batch_size, _post_local_switch,
+    _smith_ramp_and_lr_decay, _ddp_baseline, _noise_scale_workers, _ramp_and_batch_size,
     _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _backend,
 )
+
+
+def check_batch_fits_shard(cfg: TrainConfig, ramp: Any, train_samples: int, world_size: int) -> None:
+    """Refuse a batch larger than one worker's shard of the training set, once the data is built.
+
+    The size of a dataset is known only after loading it, so the trainer calls this right after building
+    the data and the ramp, before the first batch (a batch of 100,000 from a 4,000-sample shard repeats the
+    shard 25 times per step and runs out of memory). Every rank computes the same shard size, so every
+    rank raises alike. A ramp that follows the step counts with the batch of its last step (batches never
+    shrink); the noise-scale ramp, which grows only on measurement, with its starting batch, since its
+    ``b_max`` is a cap that small data sets never reach.
+    """
+    shard = train_samples // world_size
+    tc = cfg.trainer
+    if tc.batch_size > shard:
+        key, batch = f"trainer.batch_size={tc.batch_size}", tc.batch_size
+        fix = f"lower trainer.batch_size to at most {shard}"
+    else:
+        last = tc.max_steps - 1
+        batch = tc.batch_size if ramp.observes_noise_scale else max(ramp.batch_size(0), ramp.batch_size(last))
+        if batch <= shard:
+            return
+        if getattr(cfg.ramp, "b_max", None) == batch:
+            key, fix = f"ramp.b_max={batch}", f"set ramp.b_max to at most {shard}"
+        else:
+            key, fix = f"ramp={cfg.ramp.name}", f"cap its batch at {shard} (ramp.b_max or ramp.b_end)"
+        key += f" (the ramp's largest batch, {batch})"
+    raise ConfigError(f"invalid config: {key}: is larger than a worker's shard of {shard} training samples "
+                      f"({train_samples} of data={cfg.data.name} over {world_size} worker(s)); {fix}, "
+                      "or use more data or fewer workers")
 
 
 class _open:

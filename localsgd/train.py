@@ -21,8 +21,21 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import dist
-from .config import check_config, config_hash, flat_items, register_configs
-from .errors import ConfigError
+from .config import (
+    check_config,
+    close_keys,
+    config_hash,
+    did_you_mean,
+    flat_items,
+    register_configs,
+    suggest_keys,
+    unknown_keys_message,
+)
+from .errors import ConfigError, LocalSGDError
+
+# Flags after which the overrides name options of another config directory, or keys of another primary config.
+_OTHER_CONFIG_DIR_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp")
+_OTHER_CONFIG_FLAGS = (*_OTHER_CONFIG_DIR_FLAGS, "--config-name", "-cn")
 
 
 def config_dir() -> str:
@@ -58,8 +71,7 @@ def unknown_option(args: list[str], configs: Path) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    if any(a.split("=")[0] in ("--config-dir", "-cd", "--config-path", "-cp") or a.startswith("hydra.searchpath")
-           for a in args):
+    if any(a.split("=")[0] in _OTHER_CONFIG_DIR_FLAGS or a.startswith("hydra.searchpath") for a in args):
         return None
     parser = OverridesParser.create()
     for arg in (a for a in args if "=" in a and not a.startswith("-")):
@@ -73,9 +85,104 @@ def unknown_option(args: list[str], configs: Path) -> str | None:
                 or not isinstance(option, str) or "$" in option or not folder.is_dir()):
             continue
         if not (folder / f"{option}.yaml").is_file():
-            options = ", ".join(sorted(f.stem for f in folder.glob("*.yaml")))
-            return f"{arg}: configs/{group}/ has no option {option!r}; choose one of {options}"
+            names = sorted(f.stem for f in folder.glob("*.yaml"))
+            return (f"{arg}: configs/{group}/ has no option {option!r}{did_you_mean(close_keys(option, names))}; "
+                    f"choose one of {', '.join(names)}")
     return None
+
+
+def _plain_overrides(args: list[str]) -> list[str] | None:
+    """The overrides of ``args`` that compose the job's config, or None where a pre-check cannot stand in for Hydra.
+
+    ``hydra.*`` and ``hydra/`` overrides configure Hydra, not the job, and are left out; sweeps (``a=1,2``,
+    ranges, globs) and another config directory or primary config are left to Hydra altogether.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(a.split("=")[0] in _OTHER_CONFIG_FLAGS or a.startswith("hydra.searchpath") for a in args):
+        return None
+    parser = OverridesParser.create()
+    kept = []
+    for arg in (a for a in args if "=" in a and not a.startswith("-")):
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            return None  # Hydra reports the syntax error itself
+        if override.is_sweep_override():
+            return None
+        if not override.key_or_group.startswith("hydra"):
+            kept.append(arg)
+    return kept
+
+
+def unknown_key(args: list[str], configs: Path) -> str | None:
+    """A one-line error for a plain ``a.b=v`` override whose key the composed config does not have.
+
+    Hydra refuses it in eight lines that advise ``+a.b=v``, which :func:`check_config` then refuses as an
+    unknown key. Composing here first (a third of a second) names the key with its likely spellings among the
+    keys of that section, the selected group option's included (``schedule.h`` finds ``schedule.H``).
+    Every other composition error is left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    overrides = _plain_overrides(args)
+    if not overrides or not any("." in a.split("=")[0] and not a.startswith(("+", "~")) for a in overrides):
+        return None
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(configs.resolve()), version_base="1.3"):
+            compose("config", overrides=overrides)
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__
+        refused = str(exc).split("'")[1] if str(exc).startswith("Could not override '") else None
+        if not (refused and isinstance(cause, ConfigKeyError | ConfigAttributeError) and cause.full_key):
+            return None
+        missing = str(cause.full_key)  # the first missing part: ``traner`` of ``traner.max_steps``
+        below = refused[len(missing):] if refused.startswith(missing) else ""
+        arg = next((a for a in overrides if a.split("=")[0] == refused), refused)
+        return unknown_keys_message([(arg, [k + below for k in suggest_keys(missing, cause.object_type)])])
+    except Exception:  # noqa: BLE001 (anything else is Hydra's to report, in its own words)
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def experiment_overrides_choice(args: list[str], configs: Path) -> str | None:
+    """A one-line warning where ``+experiment=X`` sets values of a group that the command line also chooses.
+
+    A group the experiment selects with ``override /group: option`` yields to the command line's choice
+    (``+experiment=resnet20_cifar10 trainer=smoke`` runs smoke's steps: the experiments keep their trainer
+    settings in ``configs/trainer/<experiment>.yaml`` for that). Values the experiment states itself are
+    merged after every group, so they still win over ``optimizer=adamw``'s; Hydra has no order that would
+    let a command-line choice win over them, so say which keys keep the experiment's values.
+    """
+    from omegaconf import OmegaConf
+
+    overrides = _plain_overrides(args) or []
+    experiments = [a.split("=", 1)[1] for a in overrides if a.startswith("+experiment=")]
+    chosen = {a.split("=", 1)[0]: a for a in overrides if "." not in a.split("=")[0] and a[0] not in "+~"}
+    for name in experiments:
+        path = configs / "experiment" / f"{name}.yaml"
+        stated = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+        if not isinstance(stated, dict):
+            continue
+        clash = sorted(g for g in chosen if isinstance(stated.get(g), dict))
+        if clash:
+            keys = ", ".join(f"{g}.{k}" for g in clash for k in stated[g])
+            return (f"warning: +experiment={name} sets {keys}, which win over the values of "
+                    f"{', '.join(chosen[g] for g in clash)}; give them on the command line to change them")
+    return None
+
+
+def report(problem: str) -> None:
+    """One line on stderr, from rank 0 only: every rank finds the same problem in the same config."""
+    if dist.read_env().rank == 0:
+        print(f"localsgd: {problem}", file=sys.stderr, flush=True)
 
 
 def check_ranks_agree(items: dict[str, object], digest: str) -> None:
@@ -98,7 +205,7 @@ def task(cfg: DictConfig) -> float:
     try:
         typed = check_config(cfg)  # before dist.init: every check, the launch's world size included
     except ConfigError as exc:
-        print(f"localsgd: {exc}", file=sys.stderr, flush=True)
+        report(str(exc))
         raise SystemExit(2) from None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     items = flat_items(typed)
@@ -110,6 +217,18 @@ def task(cfg: DictConfig) -> float:
         summary = run_training(typed, run_dir, items, digest)
         # Leave together: a rank tearing Gloo down while a peer still uses it can abort the peer.
         dist.barrier("shutdown")
+    except ConfigError as exc:  # found once the data is built (a batch larger than a shard), alike on every rank
+        report(str(exc))
+        raise SystemExit(2) from None
+    except LocalSGDError as exc:
+        # Raised alike on every rank (a non-finite replica, ranks that disagree, a corrupt checkpoint):
+        # one line from rank 0 instead of a Hydra traceback per rank.
+        report(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+    except dist.CollectiveTimeout as exc:
+        # Only the ranks left waiting see it, each naming what it waited for: each says its line.
+        print(f"localsgd: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         dist.destroy()
     return float(summary["final_eval_accuracy"])
@@ -118,10 +237,14 @@ def task(cfg: DictConfig) -> float:
 @record
 def main() -> None:
     register_configs()
-    problem = unknown_option(sys.argv[1:], Path(config_dir()))
+    configs = Path(config_dir())
+    problem = unknown_option(sys.argv[1:], configs) or unknown_key(sys.argv[1:], configs)
     if problem:
-        print(f"localsgd: {problem}", file=sys.stderr, flush=True)
+        report(problem)
         os._exit(2)
+    warning = experiment_overrides_choice(sys.argv[1:], configs)
+    if warning:
+        report(warning)
     if dist.read_env().rank > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     code: int | str | None = 0

@@ -37,9 +37,10 @@ from .checkpoint import Checkpointer
 from .communicator import Communicator
 from .config import TrainConfig, check_batch_fits_shard
 from .engine import LocalSGD, SyncStats
-from .errors import CheckpointError
+from .errors import CheckpointError, RunDirBusyError
 from .hooks import FaultHook, NoiseScaleProbe, RoundLengthHistory, StepHook, StichIterateAverage, overriding
 from .metrics import MetricsLog, Progress, RunLog, Tracker, git_commit, human_bytes, summary_table
+from .rundir import RunDirLock, completed_run, rotate_previous_run
 from .sampler import ShardSampler, ValidationShard
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after committing a checkpoint; rerun to resume
@@ -81,6 +82,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     dist.set_timeout(cfg.comm.train_timeout_s)
 
     # ---- outputs and resume
+    lock = claim_run_dir(run_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
     ckpt = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", cfg.checkpoint.keep_latest_k,
                         cfg.checkpoint.fallback)
@@ -92,6 +94,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         found = ckpt.find_latest()
         if found is not None:
             check_resumable(found.manifest, world, config_items)
+            leave_if_complete(run_dir, tc.max_steps, found.step)
             model_state, rank_state = ckpt.load(found)
             restore(model, plugin, comm, sampler, model_state, rank_state)
             for key, component in extra_state.items():
@@ -100,6 +103,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             resumed_from = found.path
             wandb_id = found.manifest.get("wandb_id")
             metrics.truncate_after(start_step)
+    if start_step == 0:
+        set_aside_earlier_run(run_dir, ckpt.dir if cfg.checkpoint.enable else None)
     tracker = Tracker(cfg.logging.wandb, run_dir, config_items, cfg.logging.project, cfg.logging.entity,
                       cfg.logging.group, cfg.logging.name, wandb_id)
     metrics.write({"event": "start", "step": start_step, "world_size": world, "backend": dist.backend(),
@@ -207,6 +212,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         write_json_atomic(run_dir / "summary.json", summary)
     runlog.say(f"\nrun directory: {run_dir}\n{summary_table(summary)}")
     runlog.close()
+    if lock is not None:
+        lock.release()
     return summary
 
 
@@ -250,6 +257,44 @@ def build_hooks(cfg: TrainConfig, ramp: Any, comm: Communicator, world: int, fin
         a = comm.schedule.shift(sc.mu, sc.L, sc.shift_kappa)  # type: ignore[attr-defined]
         hooks.append(StichIterateAverage(comm, a, sc.mu, sc.lr_numerator, finished))
     return hooks
+
+
+# ---------------------------------------------------------------------- the run directory
+def claim_run_dir(run_dir: Path) -> RunDirLock | None:
+    """Rank 0 locks the run directory for the run: a second job there exits at once, in one line (two
+    jobs in one directory would write duplicate steps and purge each other's checkpoints)."""
+    lock, busy = None, None
+    if dist.is_main():
+        try:
+            lock = RunDirLock.acquire(run_dir)
+        except RunDirBusyError as exc:
+            busy = str(exc)
+    busy = dist.broadcast_object(busy)
+    if busy:
+        dist.print0(f"localsgd: {busy}", file=sys.stderr)
+        raise SystemExit(2)
+    return lock
+
+
+def leave_if_complete(run_dir: Path, max_steps: int, checkpoint_step: int) -> None:
+    """A finished run, run again, says so and exits 0 without touching its outputs."""
+    done = completed_run(run_dir, max_steps, checkpoint_step) if dist.is_main() else None
+    message = dist.broadcast_object(None if done is None else done.describe(run_dir))
+    if message:
+        dist.print0(f"localsgd: {message}", file=sys.stderr)
+        raise SystemExit(0)
+
+
+def set_aside_earlier_run(run_dir: Path, checkpoint_dir: Path | None) -> None:
+    """Starting at step 0 where an earlier run left records (no usable checkpoint, or
+    ``checkpoint.resume=false``): its ``metrics.jsonl``, ``summary.json`` and checkpoints become
+    ``*.1`` (older ones ``*.2`` ...), so no step is recorded twice and no purge mixes two runs."""
+    paths: list[str | Path] = ["metrics.jsonl", "summary.json", *([checkpoint_dir] if checkpoint_dir else [])]
+    moves = rotate_previous_run(run_dir, paths) if dist.is_main() else []
+    moved = dist.broadcast_object([f"{old.name} -> {new.name}" for old, new in moves])
+    if moved:
+        dist.print0(f"localsgd: starting at step 0 in {run_dir}; the earlier run's outputs were moved aside "
+                    f"({', '.join(moved)})", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- helpers of the loop

@@ -41,7 +41,7 @@ GROUP_OPTIONS = sorted((p.parent.name, p.stem) for p in CONFIGS.glob("*/*.yaml")
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_every_shipped_group_option_composes_and_validates(group: str, option: str) -> None:
-    extra = ["data.root=/nonexistent"] if "cifar10" in option else []
+    extra = ["data.root=/nonexistent"] if "cifar10" in option and group in ("data", "experiment") else []
     # The main job's other choices, where they do not go with this option (the checks across components).
     extra += {("data", "cifar10"): ["model=resnet20"],  # cnn1d takes 1-D signals, not images
               ("model", "resnet20"): ["data=cifar10", "data.root=/nonexistent"],
@@ -67,14 +67,36 @@ def test_every_shipped_group_option_composes_and_validates(group: str, option: s
     ("logging.wandb=cloud", "logging.wandb='cloud'"),
     ("comm.train_timeout_s=0", "comm.train_timeout_s=0.0"),
     ("data.num_samples=5", "data.num_samples=5"),
-    ("+optimizer.lrr=0.1", "optimizer.lrr=0.1"),
-    ("+trainer.max_step=10", "trainer.max_step=10"),
-    ("+schedule.period=3", "schedule.period=3"),
+    ("+optimizer.lrr=0.1", "optimizer.lrr=0.1 (did you mean optimizer.lr?)"),
+    ("+trainer.max_step=10", "unknown config key(s): trainer.max_step=10 (did you mean trainer.max_steps?); check"),
+    ("+schedule.period=3", "schedule.period=3; check"),  # nothing like it: no suggestion
+    ("+schedule.h=3", "schedule.h=3 (did you mean schedule.H?)"),  # the selected option's keys, case-blind
+    # Bounded: inf and 1e308 overflow the process group's timedelta; seeds beyond 32 bits fail numpy's
+    # seeding; a run of 10**20 steps never ends.
+    ("comm.train_timeout_s=inf", "comm.train_timeout_s=inf: must be > 0 and <= 604800 seconds (7 days)"),
+    ("comm.init_timeout_s=1e308", "comm.init_timeout_s=1e+308: must be > 0 and <= 604800 seconds"),
+    ("comm.init_timeout_s=nan", "comm.init_timeout_s=nan"),
+    ("trainer.seed=100000000000000000000", "trainer.seed=100000000000000000000: must be in [0, 4294967295]"),
+    ("trainer.seed=-1", "trainer.seed=-1: must be in [0, 4294967295]"),
+    ("trainer.max_steps=100000000000000000000", "trainer.max_steps=100000000000000000000: must be <= "
+                                                "1,000,000,000,000"),
 ])
 def test_bad_values_and_forced_unknown_keys_are_named(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as err:
         check_config(_compose(override))
     assert named in str(err.value)
+    assert str(err.value).count(named.split("=")[0]) == 1  # each key named once
+
+
+def test_the_bounds_admit_their_limits() -> None:
+    from localsgd.config import MAX_SEED, MAX_STEPS, MAX_TIMEOUT_S
+    from localsgd.sampler import ShardSampler
+    from localsgd.trainer import seed_everything
+
+    cfg = check_config(_compose(f"trainer.seed={MAX_SEED}", f"trainer.max_steps={MAX_STEPS}",
+                                f"comm.init_timeout_s={MAX_TIMEOUT_S}", f"comm.train_timeout_s={MAX_TIMEOUT_S}"))
+    seed_everything(cfg.trainer.seed + 7919 * 64)  # the per-rank seed of rank 63
+    ShardSampler(10, 0, 1, cfg.trainer.seed).next_indices(25)  # the data order's seed * 1_000_003 + epoch
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw", "learned", "metz_unsupervised", "stn"])
@@ -163,8 +185,8 @@ def test_a_schema_is_no_group_option(selector: str) -> None:
 @pytest.mark.parametrize(("selector", "named"), [
     ("schedule=fixed_schema", "schedule=fixed_schema: configs/schedule/ has no option 'fixed_schema'; choose one of "
                               "adacomm, ddp, fixed,"),
-    ("+experiment=resnet20", "+experiment=resnet20: configs/experiment/ has no option 'resnet20'; choose one of "
-                             "logreg_breast_cancer, resnet20_cifar10"),
+    ("+experiment=resnet20", "+experiment=resnet20: configs/experiment/ has no option 'resnet20' (did you mean "
+                             "resnet20_cifar10?); choose one of logreg_breast_cancer, resnet20_cifar10"),
 ])
 def test_selecting_a_schema_or_a_missing_option_fails_in_one_line(tmp_path: Path, selector: str, named: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "localsgd.train", selector, f"hydra.run.dir={tmp_path / 'run'}"],
@@ -176,7 +198,11 @@ def test_selecting_a_schema_or_a_missing_option_fails_in_one_line(tmp_path: Path
 
 
 @pytest.mark.parametrize(("args", "named"), [
-    (["schedule=fixd"], "schedule=fixd: configs/schedule/ has no option 'fixd'"),
+    (["schedule=fixd"], "schedule=fixd: configs/schedule/ has no option 'fixd' (did you mean fixed?); choose one of "
+                        "adacomm, ddp, fixed,"),
+    (["outer=slomo"], "outer=slomo: configs/outer/ has no option 'slomo' (did you mean slowmo?)"),
+    (["model=resnet"], "model=resnet: configs/model/ has no option 'resnet' (did you mean resnet20?)"),
+    (["ramp=zzz"], "ramp=zzz: configs/ramp/ has no option 'zzz'; choose one of"),  # nothing like it
     (["trainer.max_steps=3", "data=mnist1d", "ramp=none_schema"], "ramp=none_schema: configs/ramp/ has no option"),
     (["schedule=fixed", "+experiment=logreg_breast_cancer", "trainer=smoke"], None),
     (["schedule=fixed,ddp", "schedule@other=nope", "~ramp", "hydra/job_logging=disabled", "--cfg", "job"], None),
@@ -188,3 +214,80 @@ def test_unknown_option_names_the_override(args: list[str], named: str | None) -
 
     problem = unknown_option(args, CONFIGS)
     assert problem is None if named is None else problem is not None and problem.startswith(named)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["trainer.max_step=10", "trainer=smoke"], "unknown config key(s): trainer.max_step=10 (did you mean "
+                                               "trainer.max_steps?); check the spelling or the selected group option"),
+    (["schedule=fixed", "schedule.h=3"], "schedule.h=3 (did you mean schedule.H?)"),
+    (["traner.max_steps=3"], "traner.max_steps=3 (did you mean trainer.max_steps?)"),
+    (["model=mlp", "model.hiden=[3]"], "model.hiden=[3] (did you mean model.hidden?)"),  # the chosen option's keys
+    (["+experiment=logreg_breast_cancer", "model.hidden=[3]"], "model.hidden=[3]; check"),  # the experiment's logreg
+    (["trainer.max_steps=5", "model=mlp", "model.hidden=[3]", "hydra.run.dir=x", "hydra/job_logging=disabled"], None),
+    (["+trainer.max_step=10"], None),  # forced in: check_config names it, with the suggestion
+    (["++trainer.max_steps=5", "~ramp"], None),
+    (["-m", "trainer.max_step=1,2"], None),  # sweeps: Hydra composes each job itself
+    (["schedule=fixed,ddp", "schedule.h=3"], None),
+    (["--config-name=other", "trainer.max_step=1"], None),  # another primary config: Hydra decides
+    (["optimizer.lr=abc"], None),  # a wrong type: Hydra's message names it
+])
+def test_unknown_key_names_the_override_and_its_likely_spelling(args: list[str], named: str | None) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from localsgd.train import unknown_key
+
+    register_configs()
+    problem = unknown_key(args, CONFIGS)
+    assert problem is None if named is None else problem is not None and named in problem, problem
+    assert not GlobalHydra.instance().is_initialized()  # hydra.main initialises it again
+
+
+@pytest.mark.slow
+def test_a_typo_hydra_refuses_ends_in_one_line_of_ours(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "localsgd.train", "trainer.max_step=10", "trainer=smoke",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "localsgd: unknown config key(s): trainer.max_step=10 (did you mean trainer.max_steps?); check the spelling "
+        "or the selected group option"], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------- experiments and the command line
+EXPERIMENT_TRAINERS = {"resnet20_cifar10": (20000, 128, 2000), "logreg_breast_cancer": (600, 16, 200)}
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENT_TRAINERS))
+def test_a_trainer_chosen_on_the_command_line_wins_over_the_experiment(experiment: str) -> None:
+    root = ["data.root=/nonexistent"] if "cifar10" in experiment else []
+
+    def trainer(*overrides: str) -> tuple[int, int, int]:
+        t = _compose(f"+experiment={experiment}", *root, *overrides).trainer
+        return t.max_steps, t.batch_size, t.eval_every
+
+    assert trainer() == EXPERIMENT_TRAINERS[experiment]  # the experiment wins over the group defaults ...
+    assert trainer("trainer=smoke") == (40, 16, 20)  # ... a trainer chosen on the command line over it ...
+    assert trainer("trainer.max_steps=7")[0] == 7  # ... and a value given there over both
+    assert trainer("trainer=smoke", "trainer.max_steps=7") == (7, 16, 20)
+
+
+def test_the_experiment_keeps_its_other_choices_and_values_with_a_command_line_trainer() -> None:
+    cfg = _compose("+experiment=resnet20_cifar10", "data.root=/nonexistent", "trainer=smoke")
+    assert (cfg.data.name, cfg.model.name, cfg.optimizer.lr, cfg.optimizer.lr_decay, cfg.schedule.H) == (
+        "cifar10", "resnet20", 0.1, "step", 16)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["+experiment=resnet20_cifar10", "optimizer=adamw"],
+     "warning: +experiment=resnet20_cifar10 sets optimizer.lr, optimizer.weight_decay, optimizer.warmup_steps, "
+     "optimizer.lr_decay, which win over the values of optimizer=adamw; give them on the command line"),
+    (["+experiment=resnet20_cifar10", "trainer=smoke", "model=mlp"], None),  # chosen with override: no clash
+    (["+experiment=resnet20_cifar10", "optimizer.lr=0.2"], None),
+    (["optimizer=adamw"], None),
+])
+def test_a_choice_the_experiment_values_override_is_warned_of(args: list[str], named: str | None) -> None:
+    from localsgd.train import experiment_overrides_choice
+
+    warning = experiment_overrides_choice(args, CONFIGS)
+    assert warning is None if named is None else warning is not None and warning.startswith(named), warning

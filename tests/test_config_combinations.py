@@ -8,6 +8,7 @@ that passes, so that a rule which refuses too much fails as well.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ import torch
 import torch.distributed as tdist
 from hydra import compose, initialize_config_dir
 
-from localsgd.config import DATA_INPUT_DIMS, MODEL_INPUT_DIMS, check_config, has_activation_modules, register_configs
+from localsgd.config import (
+    DATA_INPUT_DIMS,
+    MODEL_INPUT_DIMS,
+    check_batch_fits_shard,
+    check_config,
+    has_activation_modules,
+    register_configs,
+)
 from localsgd.errors import ConfigError
 from localsgd.train import config_dir
 
@@ -53,11 +61,6 @@ REFUSED = [  # (overrides, world size, local world size, what the message must s
     (["ramp=noise_scale", "ramp.b_max=8"], 2, 1, "ramp.b_max=8"),
     (["ramp=linear", "ramp.b_end=16"], 2, 1, "ramp.b_end=16: is below the starting batch trainer.batch_size=32 "
                                              "(ramp.b_start=null starts there)"),
-    (["schedule=post_local"], 2, 1, "schedule.switch_step=-1: switches at the first LR decay, but "
-                                    "optimizer.lr_decay='none' has none"),
-    (["schedule=post_local", "optimizer.lr_decay=cosine"], 2, 1, "optimizer.lr_decay='cosine' has none"),
-    (["schedule=post_local", "optimizer.lr_decay=step", "optimizer.decay_milestones=[]"], 2, 1,
-     "schedule.switch_step=-1: switches at the first LR decay, but optimizer.decay_milestones=[] has none"),
     (["schedule=hierarchical", "schedule.group_size=2"], 3, 1, "schedule.group_size=2: world size 3 is not a "
                                                                "multiple of the group size 2"),
     (["schedule=hierarchical", "schedule.group_size=2"], 1, 1, "schedule.group_size=2: world size 1"),
@@ -100,6 +103,9 @@ ACCEPTED = [  # the neighbours of the refused ones
     (["ramp=linear", "ramp.b_end=16", "ramp.b_start=8"], 1, 1),
     (["ramp=smith"], 1, 1),
     (["schedule=post_local", "optimizer.lr_decay=step"], 1, 1),
+    (["schedule=post_local"], 2, 1),  # no LR decay: switches at schedule.switch_fraction of the run
+    (["schedule=post_local", "optimizer.lr_decay=cosine"], 2, 1),
+    (["schedule=post_local", "optimizer.lr_decay=step", "optimizer.decay_milestones=[]"], 2, 1),
     (["schedule=post_local", "schedule.switch_step=100"], 1, 1),
     (["schedule=hierarchical", "schedule.group_size=2"], 4, 1),
     (["schedule=hierarchical"], 6, 3),
@@ -174,6 +180,94 @@ def test_the_entry_point_checks_before_the_process_group(monkeypatch: pytest.Mon
     with pytest.raises(SystemExit) as exit_:
         train.task(_compose("schedule=ddp", "ramp=noise_scale"))
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(("overrides", "switch"), [
+    (["schedule=post_local"], 1000),  # no LR decay: half of trainer.max_steps=2000
+    (["schedule=post_local", "optimizer.lr_decay=cosine"], 1000),
+    (["schedule=post_local", "optimizer.lr_decay=cosine", "schedule.switch_fraction=0.25"], 500),
+    (["schedule=post_local", "optimizer.lr_decay=step", "optimizer.decay_milestones=[0.3,0.6]"], 600),  # Lin et al.
+    (["schedule=post_local", "optimizer.lr_decay=step", "schedule.switch_step=7"], 7),  # explicit wins
+    (["schedule=post_local", "schedule.switch_step=0"], 0),
+])
+def test_post_local_switches_at_the_first_decay_else_at_a_fraction_of_the_run(overrides: list[str],
+                                                                              switch: int) -> None:
+    from localsgd.optim import first_decay_step
+    from localsgd.schedules import RunInfo, build
+
+    cfg = check_config(_compose(*overrides), world_size=2)
+    first_decay = first_decay_step(cfg.optimizer.lr_decay, cfg.trainer.max_steps, cfg.optimizer.decay_milestones)
+    run = RunInfo(cfg.trainer.max_steps, 2, cfg.trainer.batch_size, first_decay, 1)  # as the trainer builds it
+    assert build(cfg.schedule, run).describe() == f"post_local(switch={switch}, H=16)"
+
+
+def test_post_local_refuses_a_fraction_outside_the_run() -> None:
+    assert "schedule.switch_fraction=1.5: must be in [0, 1]" in _problem(["schedule=post_local",
+                                                                          "schedule.switch_fraction=1.5"])
+
+
+# ---------------------------------------------------------------------- a batch larger than a worker's shard
+def _batch_problem(overrides: list[str], train_samples: int, world: int) -> str | None:
+    from localsgd import ramps
+
+    cfg = check_config(_compose(*overrides), world_size=world)
+    ramp = ramps.build(cfg.ramp, cfg.trainer.batch_size, cfg.trainer.max_steps, world_size=world)
+    try:
+        check_batch_fits_shard(cfg, ramp, train_samples, world)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize(("overrides", "train_samples", "world", "named"), [
+    (["trainer.batch_size=100000"], 8000, 2, "invalid config: trainer.batch_size=100000: is larger than a worker's "
+                                             "shard of 4000 training samples (8000 of data=mnist1d over 2 worker(s)); "
+                                             "lower trainer.batch_size to at most 4000"),
+    (["trainer.batch_size=4000"], 8001, 2, None),  # a batch of the whole shard is fine
+    (["trainer.batch_size=4000"], 7999, 2, "shard of 3999"),
+    (["ramp=geometric", "ramp.every_steps=1", "ramp.b_max=5000"], 8000, 2,
+     "ramp.b_max=5000 (the ramp's largest batch, 5000): is larger than a worker's shard of 4000"),
+    (["ramp=geometric", "ramp.every_steps=1", "ramp.b_max=5000"], 8000, 1, None),
+    # It would pass the shard only after the run's last step: the batch it reaches counts, not its cap.
+    (["ramp=geometric", "ramp.every_steps=1000", "ramp.b_max=5000", "trainer.max_steps=1000"], 8000, 2, None),
+    (["ramp=linear", "ramp.b_end=4001"], 8000, 2, "ramp=linear (the ramp's largest batch, 4001)"),
+    (["ramp=noise_scale"], 1348, 2, None),  # b_max=4096 caps a measured batch that small sets never reach
+])
+def test_a_batch_larger_than_the_shard_is_refused(overrides: list[str], train_samples: int, world: int,
+                                                  named: str | None) -> None:
+    problem = _batch_problem(overrides, train_samples, world)
+    assert problem is None if named is None else problem is not None and named in problem, problem
+
+
+@pytest.mark.slow
+def test_the_entry_point_refuses_a_batch_larger_than_the_shard_in_one_line(tmp_path: Path) -> None:
+    from .launch_helpers import TINY, single
+
+    proc = single(tmp_path, tmp_path / "run", [*TINY, "trainer.batch_size=100000"])
+    assert proc.returncode == 2
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("localsgd:")]
+    assert len(ours) == 1 and "trainer.batch_size=100000: is larger than a worker's shard of 1348" in ours[0], ours
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_config_error_is_one_line_from_rank_0(tmp_path: Path) -> None:
+    from .launch_helpers import torchrun
+
+    # Four combination errors at once (check_config names them all in one line), the last where no CUDA is.
+    overrides = ["schedule=hierarchical", "schedule.group_size=3", "optimizer=metz_unsupervised", *CIFAR]
+    named = ["schedule.group_size=3: world size 2 is not a multiple", "model.name='cnn1d': optimizer=metz_unsupervised",
+             "model.name='cnn1d': takes inputs shaped"]
+    if not torch.cuda.is_available():
+        overrides.append("comm.backend=nccl")
+        named.append("comm.backend='nccl': needs CUDA")
+    proc = torchrun(tmp_path, tmp_path / "run", overrides, nproc=2, timeout=120)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("localsgd:")]
+    assert len(ours) == 1 and ours[0].startswith("localsgd: invalid config: "), proc.stderr
+    assert all(n in ours[0] for n in named), ours[0]
+    assert not re.search(r'File ".*[/\\]localsgd[/\\]', proc.stderr), proc.stderr  # no traceback of ours
 
 
 # ---------------------------------------------------------------------- the facts the rules rest on

@@ -80,6 +80,9 @@ def test_no_experiment_restates_the_config_it_overrides(path: Path) -> None:
 FILE_DELTAS: dict[str, dict[str, Any]] = {
     "trainer=smoke": {"trainer.max_steps": 40, "trainer.batch_size": 16, "trainer.eval_every": 20,
                       "trainer.log_every": 10, "trainer.progress": False},
+    # The experiments' trainers: group options, so that a trainer chosen on the command line replaces them.
+    "trainer=resnet20_cifar10": {"trainer.max_steps": 20000, "trainer.batch_size": 128, "trainer.eval_every": 2000},
+    "trainer=logreg_breast_cancer": {"trainer.max_steps": 600, "trainer.batch_size": 16, "trainer.eval_every": 200},
     "checkpoint=off": {"checkpoint.enable": False, "checkpoint.resume": False},
     "logging=offline": {"logging.wandb": "offline"},
 }

@@ -278,6 +278,11 @@ def run_info(**overrides) -> RunInfo:
      "patel_dieuleveut_adaptive(N1=2, N_max=9)"),
     (PostLocalConfig(H=4), run_info(first_lr_decay_step=300), PostLocal, "post_local(switch=300, H=4)"),
     (PostLocalConfig(H=4, switch_step=7), run_info(), PostLocal, "post_local(switch=7, H=4)"),
+    (PostLocalConfig(H=4, switch_step=7), run_info(first_lr_decay_step=300), PostLocal, "post_local(switch=7, H=4)"),
+    (PostLocalConfig(H=4), run_info(), PostLocal, "post_local(switch=500, H=4)"),  # no decay: half the run
+    (PostLocalConfig(H=4, switch_fraction=0.25), run_info(), PostLocal, "post_local(switch=250, H=4)"),
+    (PostLocalConfig(H=4, switch_fraction=0.25), run_info(first_lr_decay_step=300), PostLocal,
+     "post_local(switch=300, H=4)"),  # the first decay wins over the fraction
     (AdaCommConfig(tau0=6), run_info(), AdaComm, "adacomm(tau0=6)"),
     (LupaConfig(tau=3, rounds=8), run_info(), Lupa, "lupa(tau=3, C=8)"),
     (HierarchicalConfig(H_group=2, H_global=6), run_info(local_world_size=8), Hierarchical,
@@ -301,12 +306,28 @@ def test_the_run_budget_reaches_the_schedule() -> None:
     assert pd.rounds() == 100
 
 
-def test_ddp_builds_no_schedule_and_post_local_needs_a_decay() -> None:
+def test_ddp_builds_no_schedule() -> None:
     with pytest.raises(ConfigError, match="not a LocalSGD schedule"):
         build(DDPConfig(), run_info())
     assert callable(DDPConfig().build_communicator)
-    with pytest.raises(ConfigError, match="switch_step=-1"):
-        build(PostLocalConfig(), run_info(first_lr_decay_step=None))
+
+
+def test_post_local_refuses_a_fraction_outside_zero_to_one() -> None:
+    assert [k for k, _, _ in PostLocalConfig(switch_fraction=1.5).problems()] == ["switch_fraction"]
+    assert [k for k, _, _ in PostLocalConfig(switch_fraction=-0.1).problems()] == ["switch_fraction"]
+    assert not list(PostLocalConfig(switch_fraction=1.0).problems())
+
+
+@pytest.mark.slow
+def test_post_local_trains_on_its_defaults_and_records_its_switch(tmp_path: Path) -> None:
+    from .launch_helpers import TINY, output, records, single
+
+    run = tmp_path / "run"
+    proc = single(tmp_path, run, [*TINY, "schedule=post_local"])  # optimizer=sgd: no LR decay
+    assert proc.returncode == 0, output(proc)
+    final = records(run, "final")[0]
+    assert final["schedule"] == "post_local(switch=20, H=16)"  # half of trainer=smoke's 40 steps
+    assert final["comm_rounds"] == 20 + 2  # H = 1 for 20 rounds, then H = 16 (steps 36, 40 with the final)
 
 
 def test_every_schedule_yaml_has_a_registered_config_and_back() -> None:
