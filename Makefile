@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m localsgd.train $(ARGS)
+	$(VENV)/bin/localsgd-run --nproc-per-node=$(NPROC) $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(ARGS)
