@@ -174,7 +174,7 @@ def test_slurm_sbatch_runs_one_torchrun_per_node(tmp_path: Path) -> None:
     argv = recorded_argv(stub_dir)
     assert argv[0] == "torchrun"
     for expected in ("--nnodes=2", "--nproc-per-node=4", "--rdzv-id=123", "--rdzv-backend=c10d",
-                     f"--rdzv-endpoint={HOSTS[0]}:29500", "--max-restarts=3",
+                     f"--rdzv-endpoint={HOSTS[0]}:29623", "--max-restarts=3",
                      "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=90"):
         assert expected in argv, (expected, argv)
     # torchrun's own flags first, then the module, the run dir and the forwarded overrides.
@@ -254,7 +254,7 @@ def test_slurm_srun_sbatch_starts_the_trainer_directly(tmp_path: Path) -> None:
     assert recorded_argv(stub_dir) == ["python3", "-u", "-m", "localsgd.train",
                                        "hydra.run.dir=outputs/slurm-123", "optimizer.lr=0.2"]
     srun_env = recorded_env(stub_dir)
-    assert srun_env["MASTER_ADDR"] == HOSTS[0] and srun_env["MASTER_PORT"] == "29500"
+    assert srun_env["MASTER_ADDR"] == HOSTS[0] and srun_env["MASTER_PORT"] == "29623"
     assert "requeue 123" not in scontrol_calls(stub_dir)
 
 
