@@ -7,7 +7,7 @@
 #
 # Environment knobs (defaults in brackets):
 #   NPROC         worker processes [GPUs listed by `nvidia-smi -L`, else 2]
-#   RUN_DIR       run directory, passed as hydra.run.dir [the config's outputs/runs/<torchrun run id>].
+#   RUN_DIR       run directory, passed as hydra.run.dir [the config's outputs/runs/<date>_<time>_<run id>].
 #                 Launching again with a RUN_DIR that holds checkpoints resumes from the newest one.
 #   MAX_RESTARTS  torchrun restarts of the whole worker group after a worker fails [0]
 #   PYTHON        interpreter [the repository's .venv/bin/python if present, else python3]

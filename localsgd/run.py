@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -347,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     quiet_torch_logging(options.verbose)
+    # One start time for every worker and restart of this launch: the run directory's name (config.run_id).
+    os.environ.setdefault("LOCALSGD_LAUNCH_TIME", str(int(time.time())))
     return launch(torchrun_argv(passed, options.nnodes, nproc, overrides), SignalRelay())
 
 
