@@ -202,6 +202,35 @@ def run_id(name: str | None = None) -> str:
     return "_".join(p for p in parts if p)
 
 
+# Components whose behaviour does not depend on trainer.max_steps (a run with them can be extended).
+_SCHEDULES_WITHOUT_TOTAL = ("fixed", "one_shot", "hierarchical", "adacomm", "qsr", "ddp")
+_RAMPS_WITHOUT_TOTAL = ("none", "noise_scale")
+
+
+def total_steps_dependents(cfg: TrainConfig) -> list[str]:
+    """The chosen components whose behaviour depends on ``trainer.max_steps``, as ``key=value`` strings.
+
+    Empty when a resume may raise ``max_steps`` and continue exactly as a run planned that long from the
+    start would have: a constant learning rate (warm-up counts absolute steps), a schedule whose H needs
+    no total (not Stich's H(T), Patel-Dieuleveut's or LUPA's rounds over T, post-local's switch at a
+    fraction), a ramp without milestones. Optimizers that are not plain SGD/AdamW count as dependent.
+    """
+    found = []
+    opt = cfg.optimizer
+    if getattr(opt, "lr_decay", None) is None:
+        found.append(f"optimizer={opt.name}")
+    elif opt.lr_decay != "none":
+        found.append(f"optimizer.lr_decay={opt.lr_decay}")
+    schedule = cfg.schedule
+    if schedule.name == "post_local" and getattr(schedule, "switch_step", -1) >= 0:
+        pass  # an explicit switch step does not move with the total
+    elif schedule.name not in _SCHEDULES_WITHOUT_TOTAL:
+        found.append(f"schedule={schedule.name}")
+    if cfg.ramp.name not in _RAMPS_WITHOUT_TOTAL:
+        found.append(f"ramp={cfg.ramp.name}")
+    return found
+
+
 def launch_start_time() -> float | None:
     """When this launch started, the same on every rank and restart; None where that cannot be known alike.
 

@@ -35,7 +35,7 @@ from . import ramps as ramp_lib
 from . import schedules as schedule_lib
 from .checkpoint import Checkpointer
 from .communicator import Communicator
-from .config import TrainConfig, check_batch_fits_shard
+from .config import TrainConfig, check_batch_fits_shard, total_steps_dependents
 from .engine import LocalSGD, SyncStats
 from .errors import CheckpointError, RunDirBusyError
 from .hooks import FaultHook, NoiseScaleProbe, RoundLengthHistory, StepHook, StichIterateAverage, overriding
@@ -93,7 +93,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     if cfg.checkpoint.resume:
         found = ckpt.find_latest()
         if found is not None:
-            check_resumable(found.manifest, world, config_items)
+            check_resumable(found.manifest, world, config_items, cfg)
             leave_if_complete(run_dir, tc.max_steps, found.step)
             model_state, rank_state = ckpt.load(found)
             restore(model, plugin, comm, sampler, model_state, rank_state)
@@ -408,21 +408,46 @@ def restore(model: nn.Module, plugin: optim_lib.OptimizerPlugin, comm: Communica
     set_rng_state(rank_state["rng"])
 
 
-def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str, Any]) -> None:
-    """Refuse a silent mis-resume: world size and config must match the checkpoint's."""
+# Keys a resume may change: they steer outputs, cadence and patience, not the trajectory.
+RESUME_MAY_CHANGE = ("checkpoint.resume", "checkpoint.fallback", "checkpoint.keep_latest_k", "checkpoint.every_rounds",
+                     "trainer.progress", "trainer.log_every", "trainer.eval_every", "comm.train_timeout_s",
+                     "comm.init_timeout_s", "logging.")
+
+
+def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str, Any],
+                    cfg: TrainConfig | None = None) -> None:
+    """Refuse a silent mis-resume: world size and config must match the checkpoint's.
+
+    Outputs and cadence may change (``RESUME_MAY_CHANGE``), and ``trainer.max_steps`` may grow to extend a
+    run when nothing in it depends on the total (``config.total_steps_dependents``): with a cosine decay or
+    Stich's H, the steps already taken would belong to another run's schedule, so that is refused by name.
+    """
+    step = manifest["step"]
     if int(manifest["world_size"]) != world:
         raise CheckpointError(
-            f"checkpoint step-{manifest['step']} was written by {manifest['world_size']} ranks, this run has "
+            f"checkpoint step-{step} was written by {manifest['world_size']} ranks, this run has "
             f"{world}; resuming would re-shard the data differently. Use the same world size or a new run dir."
         )
     saved = manifest.get("config", {})
-    ignore = ("checkpoint.resume", "checkpoint.fallback", "trainer.progress", "logging.")
     keys = sorted(k for k in set(saved) | set(config_items)
-                  if saved.get(k) != config_items.get(k) and not k.startswith(ignore))
+                  if saved.get(k) != config_items.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+    if keys == ["trainer.max_steps"] and cfg is not None:
+        old, new = int(saved[keys[0]]), int(config_items[keys[0]])
+        dependents = total_steps_dependents(cfg)
+        if new >= step and not dependents:
+            if dist.is_main():
+                print(f"localsgd: extending the run from {old} to {new} steps (resuming at step {step})",
+                      file=sys.stderr, flush=True)
+            return
+        why = (f"the run is already at step {step}" if new < step else
+               f"{', '.join(dependents)} depend(s) on trainer.max_steps, so the steps taken so far followed "
+               "another schedule")
+        raise CheckpointError(f"checkpoint step-{step}: trainer.max_steps {old} -> {new} cannot extend this run: "
+                              f"{why}; use a new run directory, or checkpoint.resume=false to start over in this one")
     if keys:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {config_items.get(k)!r}" for k in keys)
         raise CheckpointError(
-            f"checkpoint step-{manifest['step']} was made with a different config ({diff}); use a new run "
+            f"checkpoint step-{step} was made with a different config ({diff}); use a new run "
             "directory, or checkpoint.resume=false to start over in this one"
         )
 

@@ -384,3 +384,19 @@ def test_a_finished_run_is_not_trained_again_a_fresh_start_sets_old_outputs_asid
                                             rf"{os.getpid()} on host \S+ since .+; use another hydra.run.dir or "
                                             "stop that run", lines[0]), lines
     assert not (run / "metrics.jsonl.2").exists()  # the refused job moved nothing
+
+
+def test_a_run_extends_when_nothing_depends_on_max_steps_and_is_refused_by_name_otherwise(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert single(tmp_path, run, [*TINY, "trainer.max_steps=24"]).returncode == 0
+    longer = single(tmp_path, run, [*TINY, "trainer.max_steps=40"])
+    assert longer.returncode == 0, output(longer)
+    assert "localsgd: extending the run from 24 to 40 steps (resuming at step 24)" in longer.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 40
+    assert [r["step"] for r in records(run, "train")] == [10, 20, 24, 30, 40]  # every step once, none lost
+    cosine = tmp_path / "cosine"
+    assert single(tmp_path, cosine, [*TINY, "trainer.max_steps=24", "optimizer.lr_decay=cosine"]).returncode == 0
+    refused = single(tmp_path, cosine, [*TINY, "trainer.max_steps=40", "optimizer.lr_decay=cosine"])
+    assert refused.returncode != 0
+    assert ("trainer.max_steps 24 -> 40 cannot extend this run: optimizer.lr_decay=cosine depend(s) on "
+            "trainer.max_steps") in refused.stderr, output(refused)
