@@ -235,10 +235,20 @@ def task(cfg: DictConfig) -> float:
 
 
 @record
+def multirun_under_launcher(args: list[str]) -> str | None:
+    """Hydra's multirun inside torchrun makes one sweep per rank (``${now:}`` differs) whose jobs then wait
+    for each other's files: refuse it in one line and point to the launcher that runs sweeps."""
+    if not any(a in ("-m", "--multirun") for a in args) or dist.read_env().world_size <= 1:
+        return None
+    return ("multirun (-m) does not work under torchrun (every rank would start its own sweep); run sweeps "
+            "without torchrun: python -m localsgd.train -m hydra/launcher=submitit_local ... (docs/launching.md)")
+
+
 def main() -> None:
     register_configs()
     configs = Path(config_dir())
-    problem = unknown_option(sys.argv[1:], configs) or unknown_key(sys.argv[1:], configs)
+    problem = (multirun_under_launcher(sys.argv[1:]) or unknown_option(sys.argv[1:], configs)
+               or unknown_key(sys.argv[1:], configs))
     if problem:
         report(problem)
         os._exit(2)

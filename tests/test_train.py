@@ -400,3 +400,21 @@ def test_a_run_extends_when_nothing_depends_on_max_steps_and_is_refused_by_name_
     assert refused.returncode != 0
     assert ("trainer.max_steps 24 -> 40 cannot extend this run: optimizer.lr_decay=cosine depend(s) on "
             "trainer.max_steps") in refused.stderr, output(refused)
+
+
+def test_multirun_under_torchrun_is_refused_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from .launch_helpers import env_for
+
+    # The environment torchrun gives rank 0 of two; the refusal comes before any rendezvous.
+    proc = subprocess.run([sys.executable, "-m", "localsgd.train", "-m", *TINY, "schedule.H=2,4"], cwd=tmp_path,
+                          env=env_for(tmp_path, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, output(proc)
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        "localsgd: multirun (-m) does not work under torchrun (every rank would start its own sweep); run sweeps "
+        "without torchrun: python -m localsgd.train -m hydra/launcher=submitit_local ... (docs/launching.md)"]
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
