@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup run test lint bench-quick clean
+.PHONY: setup run test test-slurm lint bench-quick clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/localsgd-run --nproc-per-node=$(NPROC) $(ARGS)
 
+# The local-Slurm tests (install, configure and start slurmctld/slurmd: about 2 minutes) run as their own
+# step: `make test-slurm`.
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -m "not slurm" $(ARGS)
+
+test-slurm: setup
+	$(PY) -m pytest -m slurm tests/test_slurm.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check localsgd tests benchmarks examples

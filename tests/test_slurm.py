@@ -30,7 +30,7 @@ from .launch_helpers import ROOT, TINY, env_for
 
 # Installing slurm-wlm on a fresh machine can take minutes, and the fixture's set-up counts towards the
 # first test's timeout.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(900)]
 
 LAUNCH = ROOT / "launch"
 BASH = shutil.which("bash") or "/bin/bash"
