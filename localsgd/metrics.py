@@ -92,8 +92,8 @@ class Tracker:
         return None if self.run is None else self.run.id
 
     def log(self, data: dict[str, Any], step: int) -> None:
-        if self.run is not None:
-            self.run.log(data, step=step)
+        if self.run is not None:  # the record's "event" tag is not a metric
+            self.run.log({k: v for k, v in data.items() if k != "event"}, step=step)
 
     def finish(self) -> None:
         if self.run is not None:
@@ -147,9 +147,13 @@ class Progress:
     def shows_bar(self) -> bool:
         return self.bar is not None
 
-    def update(self, n: int, **postfix: str) -> None:
+    def update(self, n: int, record: dict[str, Any]) -> None:
+        """Advance by ``n`` steps, showing a train record's loss, accuracy, rounds and bytes (formatted only
+        when there is a bar)."""
         if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_postfix({"loss": f"{record['loss']:.3f}", "acc": f"{record['accuracy']:.3f}",
+                                  "rounds": str(record["comm_rounds"]), "comm": human_bytes(record["comm_bytes"])},
+                                 refresh=False)
             self.bar.update(n)
 
     def close(self) -> None:

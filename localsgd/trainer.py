@@ -157,9 +157,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                 record.update(hook_record())
             record.update(plugin.log_values())
             metrics.write(record)
-            tracker.log({k: v for k, v in record.items() if k != "event"}, step=done)
-            progress.update(len(window), loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
-                            rounds=str(record["comm_rounds"]), comm=human_bytes(record["comm_bytes"]))
+            tracker.log(record, step=done)
+            progress.update(len(window), record)
             if done // progress_every != (done - len(window)) // progress_every or done == tc.max_steps:
                 runlog.progress(progress_line(record, tc.max_steps))
             window.clear()
