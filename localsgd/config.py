@@ -21,12 +21,10 @@ import dataclasses
 import difflib
 import hashlib
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,7 +193,7 @@ def run_id(name: str | None = None) -> str:
     :func:`localsgd.dist.launch_id`) or, without a launcher, the microseconds, then ``logging.name``
     when given: ``2026-12-02_01-58-03_slurm-4242_baseline``. (Hydra's ``${now:}`` differs per process.)
     """
-    started, ident = launch_start_time(), dist.launch_id()
+    started, ident = dist.launch_start_time(), dist.launch_id()
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
     parts = [stamp if started is not None else "", ident or f"{int(time.time() * 1e6) % 1_000_000:06d}",
              re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)) if name else ""]
@@ -229,35 +227,6 @@ def total_steps_dependents(cfg: TrainConfig) -> list[str]:
     if cfg.ramp.name not in _RAMPS_WITHOUT_TOTAL:
         found.append(f"ramp={cfg.ramp.name}")
     return found
-
-
-def launch_start_time() -> float | None:
-    """When this launch started, the same on every rank and restart; None where that cannot be known alike.
-
-    ``localsgd-run`` exports its start as ``LOCALSGD_LAUNCH_TIME``; Slurm exports ``SLURM_JOB_START_TIME``;
-    the ranks of a one-node torchrun share their parent, the launcher agent, whose start time the kernel
-    keeps (it survives the agent's restarts of its workers). A multi-node torchrun without either has no
-    common clock: the name is then the run id alone. Without a launcher: now.
-    """
-    for key in ("LOCALSGD_LAUNCH_TIME", "SLURM_JOB_START_TIME"):
-        value = os.environ.get(key, "")
-        if value.isdigit():
-            return float(value)
-    if os.environ.get("TORCHELASTIC_RUN_ID") is None:
-        return time.time()
-    if os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE"):
-        return None
-    return _process_start_time(os.getppid())
-
-
-def _process_start_time(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, StopIteration, IndexError, ValueError):
-        return None
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks
 
 
 def schema_name(group: str, name: str) -> str:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -398,3 +400,32 @@ def launch_id() -> str | None:
     if job:
         return f"slurm-{job}"
     return None
+
+
+def launch_start_time() -> float | None:
+    """When this launch started, the same on every rank and restart; None where that cannot be known alike.
+
+    ``localsgd-run`` exports its start as ``LOCALSGD_LAUNCH_TIME``; Slurm exports ``SLURM_JOB_START_TIME``;
+    the ranks of a one-node torchrun share their parent, the launcher agent, whose start time the kernel
+    keeps (it survives the agent's restarts of its workers). A multi-node torchrun without either has no
+    common clock: the name is then the run id alone. Without a launcher: now.
+    """
+    for key in ("LOCALSGD_LAUNCH_TIME", "SLURM_JOB_START_TIME"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return float(value)
+    if os.environ.get("TORCHELASTIC_RUN_ID") is None:
+        return time.time()
+    if os.environ.get("WORLD_SIZE") != os.environ.get("LOCAL_WORLD_SIZE"):
+        return None
+    return _process_start_time(os.getppid())
+
+
+def _process_start_time(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in clock ticks

@@ -154,10 +154,10 @@ def test_the_launch_id_comes_from_dist_and_names_the_run(monkeypatch: pytest.Mon
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert dist.launch_id() == expected
-    if expected is not None:
-        assert run_id() == expected
+    if expected is not None:  # <date>_<time> of the launch (here: the parent, as a torchrun agent), then the id
+        assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_{re.escape(expected)}", run_id()), run_id()
     else:  # no launcher: the time, to the microsecond
-        assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}", run_id())
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", run_id())
 
 
 def test_config_reads_no_environment_variable_itself() -> None:

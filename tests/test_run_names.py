@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from localsgd.config import _process_start_time, run_id
+from localsgd.config import run_id
+from localsgd.dist import _process_start_time
 
 LAUNCH_KEYS = ("LOCALSGD_LAUNCH_TIME", "SLURM_JOB_START_TIME", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE",
                "LOCAL_WORLD_SIZE")
