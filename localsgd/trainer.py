@@ -199,7 +199,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         "optimizer": cfg.optimizer.name, "data": cfg.data.name, "model": cfg.model.name,
         "outer": cfg.outer.name, "ramp": ramp.describe(), "final_batch_size": ramp.batch_size(final_step - 1),
         "restart_count": dist.restart_count(), "run_dir": str(run_dir), "seed": tc.seed,
-        "torch": torch.__version__, "git_commit": git_commit(),
+        "torch": torch.__version__, "git_commit": git_commit() if dist.is_main() else None,  # rank 0 writes it
     }
     for hook in hooks:
         summary.update(hook.summary())
