@@ -183,17 +183,16 @@ def validate(overrides: list[str], world_size: int, local_world_size: int) -> No
 
     register_configs()
     configs = train.config_dir()
-    find_unknown_option = getattr(train, "unknown_option", None)
-    if find_unknown_option is not None:
-        problem = find_unknown_option(overrides, Path(configs))
-        if problem:
-            raise ConfigError(problem)
+    problem = train.unknown_option(overrides, Path(configs))
+    if problem:
+        raise ConfigError(problem)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=os.path.abspath(configs), version_base="1.3", job_name="localsgd"):
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise LaunchError(one_line(exc)) from None
+        # A key Hydra refuses gets the workers' own one line, with its did-you-mean; anything else Hydra's reason.
+        raise LaunchError(train.unknown_key(overrides, Path(configs)) or one_line(exc)) from None
     check_config(cfg, world_size=world_size, local_world_size=local_world_size)
 
 

@@ -60,6 +60,13 @@ def test_combination_error_is_one_line_before_any_worker(tmp_path: Path, capsys:
     assert "Traceback" not in captured.out + captured.err and not run_dir.exists()
 
 
+def test_a_typo_hydra_refuses_gets_the_did_you_mean_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert launcher.main(["trainer.max_step=10"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "localsgd: unknown config key(s): trainer.max_step=10 (did you mean trainer.max_steps?); check the "
+        "spelling or the selected group option"]
+
+
 def test_multirun_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert launcher.main(["-m", "optimizer.lr=0.05,0.1"]) == 2
     lines = error_lines(capsys.readouterr().err)
