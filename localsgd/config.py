@@ -32,9 +32,11 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from . import dist
 from .errors import ConfigError
+from .registry import TargetConfig, as_target, locate
 
 MAX_STEPS = 10**12  # local steps: a bound far beyond any run that ends, and an error for one that would not
 MAX_SEED = 2**32 - 1  # the widest seed that random, numpy's legacy seeding and torch.manual_seed all take
+PRECISIONS = ("fp32", "bf16", "fp16")
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a collective timeout beyond a week is a typo (and inf/1e308 overflow timedelta)
 
 
@@ -51,6 +53,12 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op threads per worker; 0 = cores / local workers
     lr_batch_coupling: bool = True  # LR x current batch / initial batch (Goyal et al. linear scaling)
     progress: bool = True  # rank-0 progress bar (also off when TQDM_DISABLE=1)
+    # The local step (localsgd.optim.step): autocast precision (the fp32 weights are what is averaged),
+    # micro-batches of batch_size each per step, global gradient-norm clipping (0: off), torch.compile.
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16: CUDA, with a GradScaler)
+    grad_accum_steps: int = 1
+    grad_clip: float = 0.0
+    compile: bool = False
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.max_steps < 1:
@@ -71,6 +79,12 @@ class TrainerConfig:
             yield "log_every", self.log_every, "must be >= 1"
         if self.threads < 0:
             yield "threads", self.threads, "must be >= 0"
+        if self.precision not in PRECISIONS:
+            yield "precision", self.precision, f"must be one of {PRECISIONS}"
+        if not 1 <= self.grad_accum_steps <= 4096:
+            yield "grad_accum_steps", self.grad_accum_steps, "must be in [1, 4096]"
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            yield "grad_clip", self.grad_clip, "must be >= 0 and finite (0: no clipping)"
 
 
 @dataclass
@@ -308,6 +322,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None, local_world_siz
         node = cfg.get(group)
         if node is None or not isinstance(node, DictConfig):
             raise ConfigError(f"config group {group!r} is not selected; choose one, e.g. {group}=<name>")
+        if group in TARGET_GROUPS and "_target_" in node.keys():
+            if OmegaConf.is_missing(node, "_target_"):
+                raise ConfigError(f"{group}._target_ is missing: {group}=custom builds your own {group} from "
+                                  f"{group}._target_=<module>.<{'Class' if group == 'model' else 'function'}>")
+            continue  # the user's own component: its arguments are its own, checked when it is built
         name = node.get("name")
         try:
             entry = registries[group].get(name)
@@ -319,6 +338,11 @@ def check_config(cfg: DictConfig, world_size: int | None = None, local_world_siz
         raise ConfigError(unknown_keys_message([(f"{k}={OmegaConf.select(cfg, k)!r}", close) for k, close in unknown]))
     obj: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     problems = []
+    for group in TARGET_GROUPS:
+        target = as_target(getattr(obj, group))
+        if target is not None:
+            setattr(obj, group, target)
+            problems += list(_target_problems(group, target))
     for section in dataclasses.fields(obj):
         value = getattr(obj, section.name)
         if hasattr(value, "problems"):
@@ -329,6 +353,20 @@ def check_config(cfg: DictConfig, world_size: int | None = None, local_world_siz
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
     return obj
+
+
+TARGET_GROUPS = ("data", "model")  # the groups a user may fill with their own component (``_target_``)
+
+
+def _target_problems(group: str, target: TargetConfig) -> Iterator[str]:
+    """The ``_target_`` must import here, before any worker starts (the workers import it the same way)."""
+    try:
+        obj = locate(target.target)
+    except ImportError as exc:
+        yield f"{group}._target_={target.target!r}: cannot import it ({exc})"
+        return
+    if not callable(obj):
+        yield f"{group}._target_={target.target!r}: is not a class or function"
 
 
 # ---------------------------------------------------------------------- checks across components
@@ -423,8 +461,11 @@ def _metz_model(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
 # not listed flatten any input), and whether a model has activation modules (nn.ReLU, ...) after which
 # optimizer=stn can put tuned dropout. Stated here for the rules below, before any data is loaded or
 # model built; tests/test_config_combinations.py checks them against the builders.
-DATA_INPUT_DIMS = {"mnist1d": 2, "digits": 1, "breast_cancer": 1, "synthetic_logreg": 1, "cifar10": 3}
-MODEL_INPUT_DIMS = {"cnn1d": (1, 2), "resnet20": (3,)}
+DATA_INPUT_DIMS = {"mnist1d": 2, "digits": 1, "breast_cancer": 1, "synthetic_logreg": 1, "cifar10": 3, "tokens": 1}
+MODEL_INPUT_DIMS = {"cnn1d": (1, 2), "resnet20": (3,), "gpt": (1,)}
+# Inputs of token ids (integers), not features: only a language model takes them, and it takes nothing else.
+TOKEN_DATA = ("tokens",)
+TOKEN_MODELS = ("gpt",)
 _SHAPES = {1: "(features,)", 2: "(C, L)", 3: "(C, H, W)"}
 
 
@@ -436,11 +477,22 @@ def has_activation_modules(model: Any) -> bool:
 
 
 def _model_and_data(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    if isinstance(cfg.data, TargetConfig) or isinstance(cfg.model, TargetConfig):
+        return  # the user's own component: its shapes are known only once it is built
+    tokens_in, tokens_taken = cfg.data.name in TOKEN_DATA, cfg.model.name in TOKEN_MODELS
+    if tokens_in != tokens_taken:
+        why = (f"data={cfg.data.name} gives token ids, which only a language model takes; "
+               f"choose model={_either(list(TOKEN_MODELS))}" if tokens_in else
+               f"is a language model of token ids, and data={cfg.data.name} gives features; "
+               f"choose data={_either(list(TOKEN_DATA))}")
+        yield f"model.name={cfg.model.name!r}: {why}"
+        return
     dims = DATA_INPUT_DIMS.get(cfg.data.name)
     takes = MODEL_INPUT_DIMS.get(cfg.model.name)
     if dims is None or takes is None or dims in takes:
         return
-    fits = [m for m in _registries()["model"].names() if dims in MODEL_INPUT_DIMS.get(m, (dims,))]
+    fits = [m for m in _registries()["model"].names()
+            if dims in MODEL_INPUT_DIMS.get(m, (dims,)) and m not in TOKEN_MODELS]
     yield (f"model.name={cfg.model.name!r}: takes inputs shaped {_either([_SHAPES[d] for d in takes])}, and "
            f"data={cfg.data.name} gives {_SHAPES[dims]}; choose model={_either(fits)}")
 
@@ -463,6 +515,23 @@ def _stn_model(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
                "from optimizer.tune")
 
 
+def _step_options(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    """Precision, accumulation and clipping live in the plain supervised step (optimizer=sgd or adamw)."""
+    tc = cfg.trainer
+    chosen = [f"trainer.{k}={v!r}" for k, v, off in (("precision", tc.precision, "fp32"),
+                                                      ("grad_accum_steps", tc.grad_accum_steps, 1),
+                                                      ("grad_clip", tc.grad_clip, 0.0)) if v != off]
+    if chosen and not getattr(cfg.optimizer, "plain_step", False):
+        yield (f"{chosen[0]}: optimizer={cfg.optimizer.name} runs its own local step, which has no "
+               "precision, accumulation or clipping options; choose optimizer=sgd or optimizer=adamw")
+    if tc.precision == "fp16" and not torch.cuda.is_available():
+        yield ("trainer.precision='fp16': float16 autocast with a GradScaler needs CUDA, which this machine lacks; "
+               "use trainer.precision=bf16 (works on CPU) or fp32")
+    if tc.grad_accum_steps > 1 and cfg.ramp.name == "noise_scale":
+        yield (f"trainer.grad_accum_steps={tc.grad_accum_steps}: ramp=noise_scale measures the gradient of one "
+               "batch of trainer.batch_size; use grad_accum_steps=1 with it, or another ramp")
+
+
 def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
     if cfg.comm.backend == "nccl" and not torch.cuda.is_available():
         yield ("comm.backend='nccl': needs CUDA, which is not available on this machine; use comm.backend=auto "
@@ -471,7 +540,7 @@ def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
 
 COMBINATION_RULES: tuple[Callable[[TrainConfig, Launch], Iterator[str]], ...] = (
     _smith_ramp_and_lr_decay, _ddp_baseline, _noise_scale_workers, _ramp_and_batch_size,
-    _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _backend,
+    _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _step_options, _backend,
 )
 
 
@@ -483,10 +552,11 @@ def check_batch_fits_shard(cfg: TrainConfig, ramp: Any, train_samples: int, worl
     shard 25 times per step and runs out of memory). Every rank computes the same shard size, so every
     rank raises alike. A ramp that follows the step counts with the batch of its last step (batches never
     shrink); the noise-scale ramp, which grows only on measurement, with its starting batch, since its
-    ``b_max`` is a cap that small data sets never reach.
+    ``b_max`` is a cap that small data sets never reach. With ``trainer.grad_accum_steps=k`` a step draws k
+    batches, so each must fit a k-th of the shard.
     """
-    shard = train_samples // world_size
     tc = cfg.trainer
+    shard = train_samples // world_size // tc.grad_accum_steps
     if tc.batch_size > shard:
         key, batch = f"trainer.batch_size={tc.batch_size}", tc.batch_size
         fix = f"lower trainer.batch_size to at most {shard}"
@@ -500,9 +570,10 @@ def check_batch_fits_shard(cfg: TrainConfig, ramp: Any, train_samples: int, worl
         else:
             key, fix = f"ramp={cfg.ramp.name}", f"cap its batch at {shard} (ramp.b_max or ramp.b_end)"
         key += f" (the ramp's largest batch, {batch})"
-    raise ConfigError(f"invalid config: {key}: is larger than a worker's shard of {shard} training samples "
-                      f"({train_samples} of data={cfg.data.name} over {world_size} worker(s)); {fix}, "
-                      "or use more data or fewer workers")
+    share = (f"{shard} training samples, a worker's shard over trainer.grad_accum_steps={tc.grad_accum_steps} "
+             "micro-batches" if tc.grad_accum_steps > 1 else f"a worker's shard of {shard} training samples")
+    raise ConfigError(f"invalid config: {key}: is larger than {share} ({train_samples} of data={cfg.data.name} "
+                      f"over {world_size} worker(s)); {fix}, or use more data or fewer workers")
 
 
 class _open:

@@ -189,11 +189,15 @@ def human_bytes(n: float) -> str:
 
 
 def summary_table(summary: dict[str, Any]) -> str:
+    accuracy = summary["final_eval_accuracy"]
     rows = [
-        ("final eval accuracy", f"{summary['final_eval_accuracy']:.4f}"),
+        *([("final eval accuracy", f"{accuracy:.4f}")] if accuracy is not None and accuracy == accuracy else []),
         ("final eval loss", f"{summary['final_eval_loss']:.4f}"),
+        *([("final eval perplexity", f"{summary['final_eval_perplexity']:.3f}")]
+          if "final_eval_perplexity" in summary else []),
         ("local steps / worker", f"{summary['steps']}"),
         ("samples (all workers)", f"{summary['samples']}"),
+        *([("tokens (all workers)", f"{summary['tokens']:,}")] if "tokens" in summary else []),
         ("world size / backend", f"{summary['world_size']} / {summary['backend']}"),
         ("schedule", summary["schedule"]),
         ("communication rounds", f"{summary['comm_rounds']}"),

@@ -75,3 +75,82 @@ class Registry(Generic[T]):
 
 def _build_from_config(cfg: Any, *args: Any, **kwargs: Any) -> Any:
     return cfg.build(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------- a user's own component: ``_target_``
+@dataclass
+class TargetConfig:
+    """A component the user brings: ``model._target_=my_pkg.MyNet`` (Hydra's instantiation convention).
+
+    ``target`` is the dotted path of a class or function; ``kwargs`` are the other keys of its config node,
+    passed as keyword arguments. Its ``name`` (in summaries and banners) is the path.
+    """
+
+    target: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.target
+
+
+def as_target(cfg: Any) -> TargetConfig | None:
+    """``cfg`` as a :class:`TargetConfig` when it names a ``_target_`` (a node, a dict or one already), else None."""
+    if isinstance(cfg, TargetConfig):
+        return cfg
+    if dataclasses.is_dataclass(cfg):
+        return None
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict) and "_target_" in cfg:
+        kwargs = {k: v for k, v in cfg.items() if k != "_target_"}
+        return TargetConfig(str(cfg["_target_"]), kwargs)
+    return None
+
+
+def locate(path: str) -> Any:
+    """The object a dotted path names (``pkg.module.Class`` or ``pkg.module.function``); ImportError if none."""
+    import importlib
+
+    parts = path.split(".")
+    if not path or any(not p.isidentifier() for p in parts):
+        raise ImportError(f"{path!r} is not a dotted path like my_pkg.MyNet")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and not module_name.startswith(exc.name):
+                raise  # the module exists but imports something missing: that is the user's error to see
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                raise ImportError(f"{module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"no module named {parts[0]!r} (is its directory on PYTHONPATH, or the package installed?)")
+
+
+def instantiate_target(cfg: Any, **offered: Any) -> Any:
+    """Call the ``_target_`` of ``cfg`` with its keyword arguments (nested ``_target_`` nodes built by Hydra).
+
+    ``offered`` arguments (a model is offered ``input_shape`` and ``num_classes``) are passed only to a
+    callable that names them as parameters and only where the config does not set them.
+    """
+    import inspect
+
+    from hydra.utils import instantiate
+
+    target = as_target(cfg)
+    if target is None:
+        raise TypeError(f"{cfg!r} has no _target_")
+    fn = locate(target.target)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    extra = {k: v for k, v in offered.items() if k in params and k not in target.kwargs}
+    kwargs = {k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in target.kwargs.items()}
+    return fn(**kwargs, **extra)

@@ -331,11 +331,13 @@ def torchrun_argv(passed: list[str], nnodes: str, nproc: int, overrides: list[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import train
     from .errors import ConfigError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         own, passed, overrides = split_argv(argv)
+        overrides = train.target_overrides(overrides)
         options = launcher_parser().parse_args(own)
         min_nodes, _ = node_counts(options.nnodes)
         nproc = local_workers(options.nproc_per_node)

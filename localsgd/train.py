@@ -179,6 +179,30 @@ def experiment_overrides_choice(args: list[str], configs: Path) -> str | None:
     return None
 
 
+TARGET_GROUPS = ("data", "model")
+
+
+def target_overrides(args: list[str]) -> list[str]:
+    """``model._target_=my_pkg.MyNet model.width=64`` as Hydra needs it: ``model=custom`` and ``++model.width=64``.
+
+    A node of the user's own component has no schema, so its arguments are new keys, which Hydra takes only
+    with ``+``/``++``; the group option ``custom`` (``configs/<group>/custom.yaml``, a bare ``_target_``) is
+    selected when a ``_target_`` is given without a group option. Idempotent: the workers rewrite what the
+    launcher already rewrote to the same.
+    """
+    out = list(args)
+    for group in TARGET_GROUPS:
+        chosen = [a.split("=", 1)[1] for a in out if a.split("=", 1)[0] == group]
+        targeted = any(a.startswith(f"{group}._target_=") for a in out)
+        if targeted and not chosen:
+            out.insert(next(i for i, a in enumerate(out) if a.startswith(f"{group}._target_=")), f"{group}=custom")
+            chosen = ["custom"]
+        if chosen and chosen[-1] == "custom":
+            out = [f"++{a}" if a.startswith(f"{group}.") and "=" in a and not a.startswith(f"{group}._target_=")
+                   else a for a in out]
+    return out
+
+
 def report(problem: str) -> None:
     """One line on stderr, from rank 0 only: every rank finds the same problem in the same config."""
     if dist.read_env().rank == 0:
@@ -247,6 +271,7 @@ def multirun_under_launcher(args: list[str]) -> str | None:
 def main() -> None:
     register_configs()
     configs = Path(config_dir())
+    sys.argv[1:] = target_overrides(sys.argv[1:])
     problem = (multirun_under_launcher(sys.argv[1:]) or unknown_option(sys.argv[1:], configs)
                or unknown_key(sys.argv[1:], configs))
     if problem:

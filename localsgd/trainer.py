@@ -13,6 +13,7 @@ cursor, so a killed-and-resumed run ends bit-for-bit equal to an uninterrupted o
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -23,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_lib
@@ -37,11 +37,11 @@ from .checkpoint import Checkpointer
 from .communicator import Communicator
 from .config import TrainConfig, check_batch_fits_shard, total_steps_dependents
 from .engine import LocalSGD, SyncStats
-from .errors import CheckpointError, RunDirBusyError
+from .errors import CheckpointError, ConfigError, RunDirBusyError
 from .hooks import FaultHook, NoiseScaleProbe, RoundLengthHistory, StepHook, StichIterateAverage, overriding
 from .metrics import MetricsLog, Progress, RunLog, Tracker, git_commit, human_bytes, summary_table
 from .rundir import RunDirLock, completed_run, rotate_previous_run
-from .sampler import ShardSampler, ValidationShard
+from .sampler import ValidationShard
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted after committing a checkpoint; rerun to resume
 
@@ -56,25 +56,30 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
 
     # ---- data, model, optimizer: same seed everywhere so every rank builds the same replica
     seed_everything(tc.seed)
-    dataset = data_lib.build(cfg.data)
-    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
-    x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
-    model = model_lib.build(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
+    data = data_lib.build(cfg.data)
+    model = model_lib.build(cfg.model, data.input_shape, data.num_classes).to(device)
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
     plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
     validation = None  # a held-out shard per worker for plugins that tune on validation data (STN)
     if plugin.validation_fraction > 0:
-        validation = ValidationShard(x_train, y_train, plugin.validation_fraction, tc.batch_size, rank, world, tc.seed)
-        keep = validation.train_index.to(device)
-        x_train, y_train = x_train[keep], y_train[keep]
+        if not isinstance(data, data_lib.Dataset):
+            raise ConfigError(f"invalid config: optimizer={cfg.optimizer.name} holds out validation batches from "
+                              f"an in-memory training set, and data={cfg.data.name} is not one; choose optimizer=sgd")
+        validation = ValidationShard(data.x_train.to(device), data.y_train.to(device), plugin.validation_fraction,
+                                     tc.batch_size, rank, world, tc.seed)
+        data = data.without_train_rows(validation.train_index)
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
-    check_batch_fits_shard(cfg, ramp, len(y_train), world)  # ConfigError before the first batch, not OOM
+    if data.num_train is not None:  # ConfigError before the first batch, not OOM
+        check_batch_fits_shard(cfg, ramp, data.num_train, world)
     comm, step_model = build_communicator(cfg, model, plugin, ramp, world, config_digest)
-    sampler = ShardSampler(len(y_train), rank, world, tc.seed)
+    if tc.compile:  # the compiled module shares the parameters, which stay views of the engine's flat buffer
+        step_model = torch.compile(step_model)
+    stream = data.train_stream(rank, world, tc.seed, device)
+    options = optim_lib.StepOptions.build(tc.precision, tc.grad_accum_steps, tc.grad_clip, device)
     # Different dropout/augmentation noise per rank, deterministic for the seed.
     seed_everything(tc.seed + 7919 * (rank + 1))
-    ctx = optim_lib.StepContext(loss_fn=F.cross_entropy,
+    ctx = optim_lib.StepContext(loss_fn=data.loss_fn, options=options,
                                 next_val_batch=validation.next_batch if validation is not None else None)
     start_step = 0
     faults = FaultHook()
@@ -89,6 +94,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     wall_before, wandb_id, resumed_from = 0.0, None, None
     # Per-rank state beyond the communicator's, checkpointed and restored by name.
     extra_state: dict[str, Any] = {"ramp": ramp, **({"validation": validation} if validation is not None else {}),
+                                   **({"grad_scaler": options.scaler} if options and options.scaler else {}),
                                    **{h.name: h for h in hooks if hasattr(h, "state_dict")}}
     if cfg.checkpoint.resume:
         found = ckpt.find_latest()
@@ -96,7 +102,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             check_resumable(found.manifest, world, config_items, cfg)
             leave_if_complete(run_dir, tc.max_steps, found.step)
             model_state, rank_state = ckpt.load(found)
-            restore(model, plugin, comm, sampler, model_state, rank_state)
+            restore(model, plugin, comm, stream, model_state, rank_state)
             for key, component in extra_state.items():
                 component.load_state_dict(rank_state[key])
             start_step, wall_before = found.step, float(found.manifest.get("wall_seconds", 0.0))
@@ -120,7 +126,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         meta = {"config": config_items, "config_sha256": config_digest, "wandb_id": tracker.run_id,
                 "restart_count": dist.restart_count(), "torch": torch.__version__,
                 "wall_seconds": wall_before + time.perf_counter() - t_start, "schedule": comm.describe()}
-        rank_state = rank_checkpoint(step, model, plugin, comm, sampler, cfg.sync.buffers == "local")
+        rank_state = rank_checkpoint(step, model, plugin, comm, stream, cfg.sync.buffers == "local")
         rank_state.update({key: component.state_dict() for key, component in extra_state.items()})
         ckpt.save(step, model.state_dict() if dist.is_main() else {}, rank_state, meta,
                   fault_hook=lambda stage: faults.during_save(step, stage))
@@ -138,21 +144,21 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             ctx.lr_scale = ramp.lr_scale(step, batch_size, tc.batch_size, tc.lr_batch_coupling)
         for hook in before_step:
             hook(step, batch_size, ctx)
-        batch = None  # a step without training data (STN's hyper steps) must not advance the data stream
-        if plugin.uses_train_batch(step):
-            idx = sampler.next_indices(batch_size)
-            batch = (x_train[idx], y_train[idx])
+        # A step without training data (STN's hyper steps) must not advance the data stream.
+        batch = stream.next_batch(batch_size * tc.grad_accum_steps) if plugin.uses_train_batch(step) else None
         out = plugin.train_step(step_model, batch, step, ctx)
         done = step + 1
         for hook in after_step:
             hook(done, model)
         synced = comm.step(loss=out.loss)
+        if not data.train_accuracy:
+            out.logits = None  # free a language model's (B, T, V) logits now, not at the next record
         window.append(out)
         if done % tc.log_every == 0 or done == tc.max_steps:
             record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
                       "accuracy": window_accuracy(window),
                       "lr": ctx.lr_override or plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
-                      "samples": sampler.samples_seen * world, **comm_record(comm.stats)}
+                      "samples": stream.samples_seen * world, **comm_record(comm.stats), **counted(data, stream, world)}
             for hook_record in records:
                 record.update(hook_record())
             record.update(plugin.log_values())
@@ -163,10 +169,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                 runlog.progress(progress_line(record, tc.max_steps))
             window.clear()
         if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
-            ev = evaluate_averaged(model, comm, x_test, y_test, tc.eval_batch_size)
+            ev = evaluate_averaged(model, comm, data, tc.eval_batch_size, device)
             metrics.write({"event": "eval", "step": done, **ev})
             tracker.log(ev, step=done)
-            runlog.progress(f"eval at step {done}: loss {ev['eval_loss']:.4f}, accuracy {ev['eval_accuracy']:.4f}")
+            runlog.progress(f"eval at step {done}: {eval_line(ev)}")
         # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
         # They come after this step's records, so a crash after the commit loses no record and a crash
         # before it leaves records that the resume truncates and writes again.
@@ -184,14 +190,14 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     for hook in hooks:
         hook.finish(comm)
     final_step = max(start_step, tc.max_steps)
-    ev = evaluate_averaged(model, comm, x_test, y_test, tc.eval_batch_size)
+    ev = evaluate_averaged(model, comm, data, tc.eval_batch_size, device)
     if cfg.checkpoint.enable and start_step < tc.max_steps:
         save(final_step)
     progress.close()
     s = comm.stats
     summary = {
-        "final_eval_loss": ev["eval_loss"], "final_eval_accuracy": ev["eval_accuracy"],
-        "steps": final_step, "samples": sampler.samples_seen * world,
+        **{f"final_{k}": v for k, v in ev.items()},
+        "steps": final_step, "samples": stream.samples_seen * world, **counted(data, stream, world),
         "comm_rounds": s.rounds, "comm_bytes": s.bytes, "comm_seconds": s.seconds,
         "comm_check_bytes": s.check_bytes, "comm_skipped_rounds": s.skipped_rounds,
         "wall_seconds": wall_before + time.perf_counter() - t_start,
@@ -312,9 +318,26 @@ def banner(cfg: TrainConfig, run_dir: Path, comm: Communicator, ramp: Any, world
 
 
 def progress_line(record: dict[str, Any], max_steps: int) -> str:
-    return (f"step {record['step']}/{max_steps}: loss {record['loss']:.4f}, accuracy {record['accuracy']:.4f}, "
+    quality = (f"accuracy {record['accuracy']:.4f}" if record["accuracy"] == record["accuracy"]
+               else f"tokens {record['tokens']:,}" if "tokens" in record else "")
+    return (f"step {record['step']}/{max_steps}: loss {record['loss']:.4f}, {quality + ', ' if quality else ''}"
             f"lr {record['lr']:.4g}, batch {record['batch_size']}, H {record.get('H', '-')}, "
             f"rounds {record['comm_rounds']}, comm {human_bytes(record['comm_bytes'])}")
+
+
+def eval_line(ev: dict[str, float]) -> str:
+    parts = [f"loss {ev['eval_loss']:.4f}"]
+    if "eval_perplexity" in ev:
+        parts.append(f"perplexity {ev['eval_perplexity']:.3f}")
+    if ev["eval_accuracy"] == ev["eval_accuracy"]:  # not NaN
+        parts.append(f"accuracy {ev['eval_accuracy']:.4f}")
+    return ", ".join(parts)
+
+
+def counted(data: data_lib.TrainingData, stream: data_lib.TrainStream, world: int) -> dict[str, int]:
+    """Tokens trained on by all workers, for a token set (``tokens`` in records and the summary)."""
+    per = data.tokens_per_sample
+    return {} if per is None else {"tokens": stream.samples_seen * world * per}
 
 
 def seed_everything(seed: int) -> None:
@@ -329,7 +352,7 @@ def window_accuracy(window: list[optim_lib.StepOutput]) -> float:
         return float("nan")
     logits = torch.cat([o.logits for o in window])  # type: ignore[misc]
     targets = torch.cat([o.targets for o in window])  # type: ignore[misc]
-    return float((logits.argmax(dim=1) == targets).double().mean())
+    return float((logits.argmax(dim=-1) == targets).double().mean())
 
 
 def comm_record(s: SyncStats) -> dict[str, Any]:
@@ -337,29 +360,34 @@ def comm_record(s: SyncStats) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Loss and accuracy on this rank's slice of the test set, summed over ranks."""
-    rank, world = dist.rank(), dist.world_size()
-    xs, ys = x[rank::world], y[rank::world]
+def evaluate(model: nn.Module, data: data_lib.TrainingData, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Loss (and accuracy, perplexity where the data reports them) on the evaluation set, summed over ranks.
+
+    Each rank evaluates its disjoint part (``data.eval_batches``); the loss, a mean over the targets'
+    elements, is summed as mean x count in float64, so the result is the mean over the whole set.
+    """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=x.device)
-    for i in range(0, len(ys), batch_size):
-        logits = model(xs[i : i + batch_size])
-        target = ys[i : i + batch_size]
-        totals[0] += F.cross_entropy(logits, target, reduction="sum").double()
-        totals[1] += (logits.argmax(dim=1) == target).sum().double()
-        totals[2] += len(target)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for x, target in data.eval_batches(dist.rank(), dist.world_size(), batch_size, device):
+        logits = model(x)
+        totals[0] += data.loss_fn(logits, target).double() * target.numel()
+        if data.reports_accuracy:
+            totals[1] += (logits.argmax(dim=-1) == target).sum().double()
+        totals[2] += target.numel()
     model.train(was_training)
     dist.all_reduce_sum_(totals, what="evaluation totals")
     loss_sum, correct, count = totals.tolist()
-    return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+    ev = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count if data.reports_accuracy else float("nan")}
+    if data.reports_perplexity:
+        ev["eval_perplexity"] = math.exp(min(ev["eval_loss"], 700.0))  # exp(709) is float64's largest
+    return ev
 
 
-def evaluate_averaged(model: nn.Module, comm: Communicator, x: torch.Tensor, y: torch.Tensor,
-                      batch_size: int) -> dict[str, float]:
+def evaluate_averaged(model: nn.Module, comm: Communicator, data: data_lib.TrainingData, batch_size: int,
+                      device: torch.device) -> dict[str, float]:
     with comm.averaged():
-        return evaluate(model, x, y, batch_size)
+        return evaluate(model, data, batch_size, device)
 
 
 def rng_state() -> dict[str, Any]:
@@ -388,22 +416,22 @@ def _tupled(value: Any) -> Any:
 
 
 def rank_checkpoint(step: int, model: nn.Module, plugin: optim_lib.OptimizerPlugin, comm: Communicator,
-                    sampler: ShardSampler, local_buffers: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {"step": step, "optimizer": plugin.state_dict(), "sampler": sampler.state_dict(),
+                    stream: data_lib.TrainStream, local_buffers: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {"step": step, "optimizer": plugin.state_dict(), "sampler": stream.state_dict(),
                              "rng": rng_state(), "engine": comm.state_dict()}
     if local_buffers:
         state["buffers"] = {k: v for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
     return state
 
 
-def restore(model: nn.Module, plugin: optim_lib.OptimizerPlugin, comm: Communicator, sampler: ShardSampler,
+def restore(model: nn.Module, plugin: optim_lib.OptimizerPlugin, comm: Communicator, stream: data_lib.TrainStream,
             model_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
     model.load_state_dict(model_state)  # copies into the engine's flat views in place
     if "buffers" in rank_state:
         model.load_state_dict({**model.state_dict(), **rank_state["buffers"]})
     plugin.load_state_dict(rank_state["optimizer"])
     comm.load_state_dict(rank_state["engine"])
-    sampler.load_state_dict(rank_state["sampler"])
+    stream.load_state_dict(rank_state["sampler"])
     set_rng_state(rank_state["rng"])
 
 

@@ -46,12 +46,16 @@ def test_every_shipped_group_option_composes_and_validates(group: str, option: s
     extra += {("data", "cifar10"): ["model=resnet20"],  # cnn1d takes 1-D signals, not images
               ("model", "resnet20"): ["data=cifar10", "data.root=/nonexistent"],
               ("optimizer", "metz_unsupervised"): ["model=mlp"],
-              ("schedule", "post_local"): ["optimizer.lr_decay=step"]}.get((group, option), [])
+              ("schedule", "post_local"): ["optimizer.lr_decay=step"],
+              ("data", "tokens"): ["model=gpt"],  # token ids go to a language model only
+              ("model", "gpt"): ["data=tokens"],
+              ("data", "custom"): ["data._target_=collections.OrderedDict"],  # importable is all the check asks
+              ("model", "custom"): ["model._target_=torch.nn.Identity"]}.get((group, option), [])
     selector = f"+{group}={option}" if group == "experiment" else f"{group}={option}"
     # Two workers: ramp=noise_scale needs them (the big batch is the all-reduced gradient).
     cfg = check_config(_compose(selector, *extra), world_size=2)
     if group in ("data", "model", "optimizer", "schedule"):
-        assert getattr(cfg, group).name == option
+        assert getattr(cfg, group).name == (extra[0].split("=")[1] if option == "custom" else option)
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -186,7 +190,7 @@ def test_a_schema_is_no_group_option(selector: str) -> None:
     ("schedule=fixed_schema", "schedule=fixed_schema: configs/schedule/ has no option 'fixed_schema'; choose one of "
                               "adacomm, ddp, fixed,"),
     ("+experiment=resnet20", "+experiment=resnet20: configs/experiment/ has no option 'resnet20' (did you mean "
-                             "resnet20_cifar10?); choose one of logreg_breast_cancer, resnet20_cifar10"),
+                             "resnet20_cifar10?); choose one of gpt_text, logreg_breast_cancer, resnet20_cifar10"),
 ])
 def test_selecting_a_schema_or_a_missing_option_fails_in_one_line(tmp_path: Path, selector: str, named: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "localsgd.train", selector, f"hydra.run.dir={tmp_path / 'run'}"],

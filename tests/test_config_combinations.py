@@ -49,6 +49,10 @@ REFUSED = [  # (overrides, world size, local world size, what the message must s
     (["schedule=ddp", "outer=slowmo"], 2, 1, "outer.name='slowmo': an outer optimizer steps on the workers' model "
                                             "average, and schedule=ddp averages gradients instead"),
     (["schedule=ddp", "outer=nesterov"], 2, 1, "outer.name='nesterov'"),
+    (["data=tokens"], 2, 1, "model.name='cnn1d': data=tokens gives token ids, which only a language model takes; "
+                            "choose model=gpt"),
+    (["model=gpt"], 2, 1, "model.name='gpt': is a language model of token ids, and data=mnist1d gives features; "
+                          "choose data=tokens"),
     (["schedule=ddp", "optimizer=stn"], 2, 1, "optimizer.name='stn': its local step takes several backward passes"),
     (["schedule=ddp", "ramp=noise_scale"], 2, 1, "ramp.name='noise_scale': it measures the gradient noise at the "
                                                  "first local step after a model average, and schedule=ddp has none"),
@@ -283,7 +287,11 @@ def test_the_input_dimensions_are_the_datasets(tmp_path: Path) -> None:
 
     _fake_cifar(tmp_path / "cifar")
     small = {"mnist1d": {"num_samples": 100, "cache_dir": str(tmp_path / "cache")},
-             "synthetic_logreg": {"n_samples": 50, "n_features": 7}, "cifar10": {"root": str(tmp_path / "cifar")}}
+             "synthetic_logreg": {"n_samples": 50, "n_features": 7}, "cifar10": {"root": str(tmp_path / "cifar")},
+             "tokens": {"train_bin": str(tmp_path / "train.bin"), "val_bin": str(tmp_path / "val.bin"),
+                        "vocab_size": 256, "block_size": 8}}
+    for split in ("train", "val"):
+        np.arange(100, dtype=np.uint16).tofile(tmp_path / f"{split}.bin")
     assert sorted(DATA_INPUT_DIMS) == DATASETS.names()  # a new dataset states its input here
     for entry in DATASETS.entries():
         dataset = DATASETS.build(entry.config_cls(**small.get(entry.name, {})))

@@ -12,11 +12,32 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from localsgd.config import POLYMORPHIC_GROUPS, TrainConfig, _registries, flat_items, register_configs, schema_name
+from localsgd.config import (
+    POLYMORPHIC_GROUPS,
+    TrainConfig,
+    _registries,
+    check_config,
+    flat_items,
+    register_configs,
+    schema_name,
+)
 from localsgd.train import config_dir
 
 CONFIGS = Path(config_dir())
-GROUP_FILES = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "experiment")
+# ``<group>/custom.yaml`` is the user's own component (a bare ``_target_``, no schema): tested below on its own.
+CUSTOM_FILES = sorted(CONFIGS.glob("*/custom.yaml"))
+GROUP_FILES = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "experiment" and p not in CUSTOM_FILES)
+
+
+@pytest.mark.parametrize("path", CUSTOM_FILES, ids=lambda p: p.parent.name)
+def test_a_custom_option_is_a_bare_target_the_user_must_fill(path: Path) -> None:
+    from localsgd.config import TARGET_GROUPS
+    from localsgd.errors import ConfigError
+
+    assert path.parent.name in TARGET_GROUPS
+    assert OmegaConf.to_container(OmegaConf.load(path)) == {"_target_": "???"}
+    with pytest.raises(ConfigError, match=rf"^{path.parent.name}\._target_ is missing: {path.parent.name}=custom"):
+        check_config(_compose(f"{path.parent.name}=custom"))
 EXPERIMENTS = sorted((CONFIGS / "experiment").glob("*.yaml"))
 MAIN_JOB = {"data": "mnist1d", "model": "cnn1d", "optimizer": "sgd", "schedule": "fixed", "outer": "average",
             "ramp": "none"}
@@ -82,6 +103,8 @@ FILE_DELTAS: dict[str, dict[str, Any]] = {
                       "trainer.log_every": 10, "trainer.progress": False},
     # The experiments' trainers: group options, so that a trainer chosen on the command line replaces them.
     "trainer=resnet20_cifar10": {"trainer.max_steps": 20000, "trainer.batch_size": 128, "trainer.eval_every": 2000},
+    "trainer=gpt_text": {"trainer.batch_size": 16, "trainer.eval_every": 250, "trainer.eval_batch_size": 16,
+                         "trainer.log_every": 10},
     "trainer=logreg_breast_cancer": {"trainer.max_steps": 600, "trainer.batch_size": 16, "trainer.eval_every": 200},
     "checkpoint=off": {"checkpoint.enable": False, "checkpoint.resume": False},
     "logging=offline": {"logging.wandb": "offline"},

@@ -43,7 +43,7 @@ def _equal(a: data.Dataset, b: data.Dataset) -> bool:
 
 
 def test_registry_names() -> None:
-    assert data.DATASETS.names() == ["breast_cancer", "cifar10", "digits", "mnist1d", "synthetic_logreg"]
+    assert data.DATASETS.names() == ["breast_cancer", "cifar10", "digits", "mnist1d", "synthetic_logreg", "tokens"]
     for entry in data.DATASETS.entries():
         cfg = entry.config_cls()
         assert cfg.name == entry.name

@@ -17,7 +17,7 @@ def _n_params(m: nn.Module) -> int:
 
 
 def test_registry_names() -> None:
-    assert models.MODELS.names() == ["cnn1d", "logreg", "mlp", "resnet20"]
+    assert models.MODELS.names() == ["cnn1d", "gpt", "logreg", "mlp", "resnet20"]
     for entry in models.MODELS.entries():
         cfg = entry.config_cls()
         assert cfg.name == entry.name and list(cfg.problems()) == []
@@ -170,7 +170,7 @@ def test_build_accepts_omegaconf_nodes() -> None:
 def test_each_config_builds_its_own_model_through_the_registry() -> None:
     from omegaconf import OmegaConf
 
-    shapes = {"logreg": (12,), "mlp": (12,), "cnn1d": (1, 12), "resnet20": (3, 8, 8)}
+    shapes = {"logreg": (12,), "mlp": (12,), "cnn1d": (1, 12), "resnet20": (3, 8, 8), "gpt": (12,)}
     for entry in models.MODELS.entries():
         cfg = entry.config_cls()
         torch.manual_seed(0)

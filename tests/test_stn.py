@@ -450,6 +450,7 @@ def run_in_process(monkeypatch: pytest.MonkeyPatch) -> Any:
     """``run_training`` in this process (world size 1, no process group), counting training-sampler draws."""
     from hydra import compose, initialize_config_dir
 
+    import localsgd.data.base as data_base
     import localsgd.trainer as trainer_lib
     from localsgd.config import check_config, config_hash, flat_items, register_configs
     from localsgd.sampler import ShardSampler
@@ -462,7 +463,7 @@ def run_in_process(monkeypatch: pytest.MonkeyPatch) -> Any:
             draws.append(batch_size)
             return super().next_indices(batch_size)
 
-    monkeypatch.setattr(trainer_lib, "ShardSampler", CountingSampler)
+    monkeypatch.setattr(data_base, "ShardSampler", CountingSampler)
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = check_config(compose("config", overrides=TRAINER_RUN))

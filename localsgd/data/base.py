@@ -1,29 +1,108 @@
-"""The in-memory dataset record and the dataset registry shared by every loader in ``localsgd.data``.
+"""What the worker loop trains on (:class:`TrainingData`), its in-memory form, and the dataset registry.
 
-All datasets used by localsgd (MNIST-1D, Greydanus 2020, arXiv 2011.14439; scikit-learn's digits and
-breast-cancer sets; synthetic logistic regression; CIFAR-10, Krizhevsky 2009) are small enough to
-hold as tensors, so a loader returns the whole train and test split at once and the trainer shards it.
-Each config dataclass registers itself with ``@DATASETS.add`` and loads its dataset in ``build()``.
+The loop asks its data for four things, which is the whole protocol a data factory returns (a built-in
+``data=<name>`` or a user's ``data._target_=my_pkg.make_data``):
+
+* ``input_shape`` and ``num_classes``, which the built-in models are sized by (a token set gives its
+  window ``(T,)`` and its vocabulary);
+* ``train_stream(rank, world, seed, device)``: this rank's endless stream of training batches, which
+  counts its samples and checkpoints its position (:class:`TrainStream`);
+* ``eval_batches(rank, world, batch_size, device)``: this rank's part of a fixed evaluation set, the
+  parts of all ranks disjoint and together the whole set;
+* ``loss_fn(logits, targets)``: the training loss, a *mean over the elements of the targets* (the
+  evaluation multiplies it by ``targets.numel()`` to sum over ranks exactly), with
+  ``reports_accuracy`` (targets are class indices of ``logits.argmax(-1)``) and ``reports_perplexity``
+  (the loss is a mean token negative log-likelihood, so ``exp`` of it is the perplexity).
+
+:class:`Dataset` holds small sets whole as tensors (MNIST-1D, Greydanus 2020, arXiv 2011.14439;
+scikit-learn's digits and breast-cancer sets; synthetic logistic regression; CIFAR-10, Krizhevsky
+2009): its stream indexes them on the device through :class:`localsgd.sampler.ShardSampler`, the fast
+path. Each config dataclass registers itself with ``@DATASETS.add`` and loads its dataset in ``build()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..registry import Registry
+from ..sampler import ShardSampler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 Problem = tuple[str, Any, str]
 """``(field_name, value, requirement)`` as yielded by every config's ``problems()``."""
 Problems = Iterator[Problem]
 
 
+class TrainStream(Protocol):
+    """One rank's training batches, in an order fixed by the seed, with a checkpointable position."""
+
+    @property
+    def samples_seen(self) -> int: ...
+
+    def next_batch(self, batch_size: int) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingData:
+    """The protocol of the module docstring; subclasses set the attributes and the two methods."""
+
+    name: str
+    num_classes: int
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = staticmethod(F.cross_entropy)
+    reports_accuracy: bool = True  # targets are class indices: accuracy of logits.argmax(-1)
+    reports_perplexity: bool = False  # the loss is a mean token NLL: exp(loss) is the perplexity
+    train_accuracy: bool = True  # keep each step's logits for the logging window's training accuracy
+    tokens_per_sample: int | None = None  # a token set counts tokens as well as samples (windows)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def num_train(self) -> int | None:
+        """Training samples, for the batch-fits-a-shard check; None for a stream without epochs."""
+        return None
+
+    def train_stream(self, rank: int, world: int, seed: int, device: torch.device) -> TrainStream:
+        raise NotImplementedError
+
+    def eval_batches(self, rank: int, world: int, batch_size: int, device: torch.device) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class InMemoryStream:
+    """Batches indexed out of tensors already on the device: the sampler's indices, one gather each."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, sampler: ShardSampler) -> None:
+        self.x, self.y, self.sampler = x, y, sampler
+
+    @property
+    def samples_seen(self) -> int:
+        return self.sampler.samples_seen
+
+    def next_batch(self, batch_size: int) -> Batch:
+        idx = self.sampler.next_indices(batch_size)
+        return self.x[idx], self.y[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()  # the sampler's own state: checkpoints of earlier versions resume
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
 @dataclass
-class Dataset:
+class Dataset(TrainingData):
     """A whole dataset in memory: float32 inputs of shape ``(N, *input_shape)``, int64 class labels."""
 
     name: str
@@ -56,6 +135,25 @@ class Dataset:
             f"Dataset({self.name!r}, train={self.x_train.shape[0]}, test={self.x_test.shape[0]}, "
             f"input_shape={self.input_shape}, num_classes={self.num_classes})"
         )
+
+    @property
+    def num_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    def train_stream(self, rank: int, world: int, seed: int, device: torch.device) -> InMemoryStream:
+        """Disjoint shards reshuffled every epoch (:class:`~localsgd.sampler.ShardSampler`), on ``device``."""
+        return InMemoryStream(self.x_train.to(device), self.y_train.to(device),
+                              ShardSampler(self.num_train, rank, world, seed))
+
+    def eval_batches(self, rank: int, world: int, batch_size: int, device: torch.device) -> Iterator[Batch]:
+        """Every ``world``-th test sample from ``rank`` on, in batches of ``batch_size``."""
+        xs, ys = self.x_test[rank::world].to(device), self.y_test[rank::world].to(device)
+        for i in range(0, len(ys), batch_size):
+            yield xs[i : i + batch_size], ys[i : i + batch_size]
+
+    def without_train_rows(self, keep: torch.Tensor) -> Dataset:
+        """The same dataset training on rows ``keep`` of its training set only (a held-out validation part)."""
+        return Dataset(self.name, self.x_train[keep], self.y_train[keep], self.x_test, self.y_test, self.num_classes)
 
 
 DATASETS: Registry[Dataset] = Registry("data")

@@ -13,15 +13,15 @@ from typing import Any
 
 from torch import nn
 
-from .base import OPTIMIZERS, OptimizerPlugin, StepContext, StepOutput, first_decay_step, lr_at
+from .base import OPTIMIZERS, OptimizerPlugin, StepContext, StepOptions, StepOutput, first_decay_step, lr_at
 from .learned import LearnedConfig
 from .metz import MetzUnsupervisedConfig
 from .stn import StnConfig, StnPlugin, build_stn, linearized_forward
 from .torch_optim import AdamWConfig, SGDConfig
 
-__all__ = ["OPTIMIZERS", "OptimizerPlugin", "StepContext", "StepOutput", "build", "lr_at", "first_decay_step",
-           "AdamWConfig", "LearnedConfig", "MetzUnsupervisedConfig", "SGDConfig", "StnConfig", "StnPlugin",
-           "build_stn", "linearized_forward"]
+__all__ = ["OPTIMIZERS", "OptimizerPlugin", "StepContext", "StepOptions", "StepOutput", "build", "lr_at",
+           "first_decay_step", "AdamWConfig", "LearnedConfig", "MetzUnsupervisedConfig", "SGDConfig", "StnConfig",
+           "StnPlugin", "build_stn", "linearized_forward"]
 
 
 def build(cfg: Any, model: nn.Module, total_steps: int) -> OptimizerPlugin:

@@ -46,6 +46,39 @@ class StepOutput:
 
 
 @dataclass
+class StepOptions:
+    """How the plain supervised step runs, beyond one forward and backward in fp32 (``trainer.*`` keys).
+
+    * ``micro_batches`` (``trainer.grad_accum_steps``): the batch is split into this many parts, each
+      forward/backward alone, their gradients summed with weights ``n_i / n`` (the parts' shares of the
+      targets), so the step equals one step on the whole batch while holding one part's activations.
+    * ``autocast_dtype`` (``trainer.precision``): the forward runs under ``torch.autocast`` in bf16 or fp16;
+      the parameters, their gradients and the optimizer state stay fp32, and the fp32 weights are what
+      local SGD averages (mixed precision as in Micikevicius et al., ICLR 2018, arXiv 1710.03740).
+    * ``scaler``: fp16's loss scaling (a ``torch.amp.GradScaler``), unscaled before clipping.
+    * ``grad_clip``: clip the global gradient norm to this value (Pascanu et al., ICML 2013), 0: off.
+    """
+
+    micro_batches: int = 1
+    autocast_dtype: torch.dtype | None = None
+    device_type: str = "cpu"
+    grad_clip: float = 0.0
+    scaler: Any = None
+
+    @classmethod
+    def build(cls, precision: str, grad_accum_steps: int, grad_clip: float,
+              device: torch.device) -> StepOptions | None:
+        """The options of ``trainer.*``, or None for the plain fp32 step (the loop's fast path)."""
+        if precision == "fp32" and grad_accum_steps == 1 and grad_clip == 0:
+            return None
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        if dtype is torch.float16 and device.type != "cuda":
+            raise ValueError("trainer.precision=fp16 needs CUDA (its GradScaler); use bf16 on CPU")
+        scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
+        return cls(grad_accum_steps, dtype, device.type, float(grad_clip), scaler)
+
+
+@dataclass
 class StepContext:
     """What a plugin may use besides the training batch."""
 
@@ -57,6 +90,8 @@ class StepContext:
     lr_override: float | None = None
     # Called between backward and the optimizer step when set (the noise-scale measurement).
     after_backward: Callable[[nn.Module], None] | None = None
+    # Precision, accumulation and clipping of the plain supervised step; None: one fp32 forward/backward.
+    options: StepOptions | None = None
 
 
 def require_batch(batch: Batch | None, step: int) -> Batch:

@@ -7,14 +7,15 @@ Both use torch's own optimizers, one cross-entropy step per call, and the warm-u
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
+from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOptions, StepOutput, lr_at, require_batch
 
 LR_DECAYS = ("none", "cosine", "step", "poly")
 
@@ -50,6 +51,7 @@ class SGDConfig(LRScheduleFields):
     """``optimizer=sgd``."""
 
     name: str = "sgd"
+    plain_step: ClassVar[bool] = True  # the trainer.precision / grad_accum_steps / grad_clip step
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -74,6 +76,7 @@ class AdamWConfig(LRScheduleFields):
     """``optimizer=adamw``."""
 
     name: str = "adamw"
+    plain_step: ClassVar[bool] = True
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
@@ -122,6 +125,8 @@ class TorchOptimizerPlugin(OptimizerPlugin):
 
 def supervised_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, ctx: StepContext) -> StepOutput:
     """One cross-entropy step: forward, backward, the after-backward hook, ``opt.step()``."""
+    if ctx.options is not None:
+        return optioned_step(model, opt, batch, ctx, ctx.options)
     x, y = batch
     logits = model(x)
     loss = ctx.loss_fn(logits, y)
@@ -143,3 +148,42 @@ def build_adamw(cfg: AdamWConfig, params: list[nn.Parameter], total_steps: int) 
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                             weight_decay=cfg.weight_decay)
     return TorchOptimizerPlugin(opt, cfg, total_steps)
+
+
+def optioned_step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch, ctx: StepContext,
+                  options: StepOptions) -> StepOutput:
+    """:func:`supervised_step` with micro-batches, autocast, loss scaling and clipping (:class:`StepOptions`).
+
+    Each micro-batch's mean loss is weighted by its share of the batch's targets before its backward pass,
+    so the summed gradient is the whole batch's mean gradient. Under DistributedDataParallel, all
+    micro-batches but the last skip the gradient all-reduce (``no_sync``), which then carries their sum.
+    """
+    x, y = batch
+    xs, ys = x.tensor_split(options.micro_batches), y.tensor_split(options.micro_batches)
+    total = y.numel()
+    opt.zero_grad(set_to_none=True)
+    no_sync = getattr(model, "no_sync", None)
+    scaler = options.scaler
+    loss_sum, logits = None, []
+    for i, (xi, yi) in enumerate(zip(xs, ys, strict=True)):
+        with torch.autocast(options.device_type, dtype=options.autocast_dtype or torch.float32,
+                            enabled=options.autocast_dtype is not None):
+            out = model(xi)
+            part = ctx.loss_fn(out, yi) * (yi.numel() / total)
+        with no_sync() if no_sync is not None and i < len(xs) - 1 else contextlib.nullcontext():
+            (scaler.scale(part) if scaler is not None else part).backward()
+        loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+        logits.append(out.detach())
+    if scaler is not None:
+        scaler.unscale_(opt)  # true gradients for the hook and the clipping
+    if ctx.after_backward is not None:
+        ctx.after_backward(model)
+    if options.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], options.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        opt.step()
+    assert loss_sum is not None
+    return StepOutput(loss_sum, int(y.shape[0]), torch.cat(logits) if len(logits) > 1 else logits[0], y)
