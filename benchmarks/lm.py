@@ -96,7 +96,7 @@ class Size:
 
 
 QUICK = Size(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=8, max_steps=64, eval_windows=64)
-FULL = Size(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_steps=512, eval_windows=256)
+FULL = Size(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, max_steps=400, eval_windows=256)
 
 
 # ---------------------------------------------------------------------- quality at equal tokens

@@ -171,6 +171,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoaderConfig:
+    """How training batches are read (``localsgd.data.loader``): in memory, or through a ``DataLoader``."""
+
+    # auto: in-memory sets index on the device (the fast path), map-style sets use a DataLoader;
+    # dataloader: in-memory sets too (the same samples in the same order)
+    mode: str = "auto"
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+
+    def problems(self) -> Iterator[tuple[str, Any, str]]:
+        if self.mode not in ("auto", "dataloader"):
+            yield "mode", self.mode, "must be auto or dataloader"
+        if not 0 <= self.num_workers <= 256:
+            yield "num_workers", self.num_workers, "must be in [0, 256]"
+        if self.prefetch_factor < 1:
+            yield "prefetch_factor", self.prefetch_factor, "must be >= 1"
+
+
+@dataclass
 class TrainConfig:
     data: Any = MISSING
     model: Any = MISSING
@@ -183,6 +204,7 @@ class TrainConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 POLYMORPHIC_GROUPS = ("data", "model", "optimizer", "schedule", "outer", "ramp")
@@ -532,6 +554,17 @@ def _step_options(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
                "batch of trainer.batch_size; use grad_accum_steps=1 with it, or another ramp")
 
 
+def _loader(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    if cfg.loader.mode != "dataloader":
+        return
+    if cfg.data.name in TOKEN_DATA:
+        yield (f"loader.mode='dataloader': data={cfg.data.name} draws its windows from memory-mapped files itself; "
+               "use loader.mode=auto")
+    if cfg.ramp.name == "noise_scale":
+        yield ("loader.mode='dataloader': a DataLoader loads the batches of the coming steps ahead, and "
+               "ramp=noise_scale decides each batch at run time; use loader.mode=auto or another ramp")
+
+
 def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
     if cfg.comm.backend == "nccl" and not torch.cuda.is_available():
         yield ("comm.backend='nccl': needs CUDA, which is not available on this machine; use comm.backend=auto "
@@ -540,7 +573,7 @@ def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
 
 COMBINATION_RULES: tuple[Callable[[TrainConfig, Launch], Iterator[str]], ...] = (
     _smith_ramp_and_lr_decay, _ddp_baseline, _noise_scale_workers, _ramp_and_batch_size,
-    _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _step_options, _backend,
+    _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _step_options, _loader, _backend,
 )
 
 

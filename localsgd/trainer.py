@@ -69,7 +69,13 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         validation = ValidationShard(data.x_train.to(device), data.y_train.to(device), plugin.validation_fraction,
                                      tc.batch_size, rank, world, tc.seed)
         data = data.without_train_rows(validation.train_index)
+    lc = cfg.loader
+    data = data_lib.loaded(data, lc.mode, data_lib.LoaderOptions(lc.num_workers, lc.pin_memory,
+                                                                 lc.persistent_workers, lc.prefetch_factor))
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
+    if ramp.observes_noise_scale and isinstance(data, data_lib.MapStyleData):
+        raise ConfigError("invalid config: ramp=noise_scale: decides each batch at run time, and a DataLoader "
+                          "loads the batches of the coming steps ahead; choose another ramp")
     if data.num_train is not None:  # ConfigError before the first batch, not OOM
         check_batch_fits_shard(cfg, ramp, data.num_train, world)
     comm, step_model = build_communicator(cfg, model, plugin, ramp, world, config_digest)
@@ -132,6 +138,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
                   fault_hook=lambda stage: faults.during_save(step, stage))
 
     # ---- the loop: draw a batch, one local step, the communicator, then log / evaluate / checkpoint
+    stream.start(lambda s: ramp.batch_size(s) * tc.grad_accum_steps if plugin.uses_train_batch(s) else 0,
+                 start_step, tc.max_steps)  # a DataLoader loads ahead: the batches of the steps to come
     before_step, after_step, records = (overriding(hooks, m) for m in ("before_step", "after_step", "record"))
     progress = Progress(tc.max_steps, start_step, tc.progress)
     runlog.console_progress = not progress.shows_bar  # with the bar on, progress lines go to train.log only
@@ -186,6 +194,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             raise SystemExit(REQUEUE_EXIT_CODE)
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
+    stream.close()
     comm.finalize()
     for hook in hooks:
         hook.finish(comm)
@@ -438,7 +447,7 @@ def restore(model: nn.Module, plugin: optim_lib.OptimizerPlugin, comm: Communica
 # Keys a resume may change: they steer outputs, cadence and patience, not the trajectory.
 RESUME_MAY_CHANGE = ("checkpoint.resume", "checkpoint.fallback", "checkpoint.keep_latest_k", "checkpoint.every_rounds",
                      "trainer.progress", "trainer.log_every", "trainer.eval_every", "comm.train_timeout_s",
-                     "comm.init_timeout_s", "logging.")
+                     "comm.init_timeout_s", "logging.", "loader.")  # loader: the same samples in the same order
 
 
 def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str, Any],

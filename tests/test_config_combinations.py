@@ -49,6 +49,10 @@ REFUSED = [  # (overrides, world size, local world size, what the message must s
     (["schedule=ddp", "outer=slowmo"], 2, 1, "outer.name='slowmo': an outer optimizer steps on the workers' model "
                                             "average, and schedule=ddp averages gradients instead"),
     (["schedule=ddp", "outer=nesterov"], 2, 1, "outer.name='nesterov'"),
+    (["loader.mode=dataloader", "ramp=noise_scale"], 2, 1, "loader.mode='dataloader': a DataLoader loads the "
+                                                           "batches of the coming steps ahead"),
+    (["loader.mode=dataloader", "data=tokens", "model=gpt"], 2, 1, "loader.mode='dataloader': data=tokens draws "
+                                                                   "its windows from memory-mapped files itself"),
     (["data=tokens"], 2, 1, "model.name='cnn1d': data=tokens gives token ids, which only a language model takes; "
                             "choose model=gpt"),
     (["model=gpt"], 2, 1, "model.name='gpt': is a language model of token ids, and data=mnist1d gives features; "

@@ -150,3 +150,20 @@ def test_outer_round_start_on_the_host_equals_it_on_the_device() -> None:
     assert torch.equal(results[0][0], results[1][0])
     for _, peak, param_bytes in results:
         assert peak < 1.5 * param_bytes + 2**20
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpt_with_autocast_and_compile_trains_on_one_gpu(tmp_path: Path, precision: str) -> None:
+    """The GPT on the stdlib corpus through the trainer: autocast (fp16 with its GradScaler), torch.compile,
+    accumulation and clipping on CUDA; the fp32 weights stay fp32 and the run stays finite."""
+    run_dir = tmp_path / "run"
+    proc = torchrun(tmp_path, run_dir, ["+experiment=gpt_text", "trainer=smoke", "trainer.max_steps=30",
+                                        "trainer.eval_every=0", f"trainer.precision={precision}",
+                                        "trainer.compile=true", "trainer.grad_accum_steps=2",
+                                        "trainer.grad_clip=1.0"], nproc=1, timeout=900)
+    assert proc.returncode == 0, output(proc)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["backend"] == "nccl" and summary["tokens"] == 30 * 2 * 16 * 256
+    assert summary["final_eval_loss"] < 5.0 and summary["final_eval_perplexity"] > 1  # below ln 256 = 5.55
+    state = torch.load(run_dir / "checkpoints/step-30/model.pt")
+    assert all(v.dtype == torch.float32 for v in state.values())

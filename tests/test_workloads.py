@@ -369,3 +369,71 @@ def test_a_compiled_step_model_trains_on_the_engines_flat_buffer_like_the_plain_
     compiled = run_ok(_compiled_trajectory, 2, True, timeout_s=120)
     assert compiled == plain  # every output after every step, averages and the re-flattening included
     assert plain[0][1] == plain[1][1] and plain[0][0] != plain[1][0]  # averaged at step 2, apart after step 1
+
+
+# ---------------------------------------------------------------------- the DataLoader path
+def _digits():
+    from localsgd.data import DigitsConfig
+
+    return DigitsConfig().build()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_stream_gives_the_in_memory_streams_batches_and_resumes_mid_epoch(workers: int) -> None:
+    from localsgd.data import LoaderOptions, loaded
+
+    ds = _digits()
+    cpu = torch.device("cpu")
+    sizes = [32, 32, 48, 48, 48, 0, 48, 200, 200, 200, 200, 200, 200, 64]  # grows mid-epoch; a step without data
+    plan = dict(enumerate(sizes)).__getitem__
+    for rank, world in ((0, 1), (1, 2)):
+        ref = ds.train_stream(rank, world, seed=3, device=cpu)
+        want = [ref.next_batch(b) for b in sizes if b]
+        data = loaded(ds, "dataloader", LoaderOptions(num_workers=workers, prefetch_factor=2))
+        stream = data.train_stream(rank, world, seed=3, device=cpu)
+        stream.start(plan, 0, len(sizes))
+        got = [stream.next_batch(b) for b in sizes[:7] if b]
+        state = copy.deepcopy(stream.state_dict())  # mid-epoch, with batches prefetched beyond it
+        stream.close()
+        resumed = data.train_stream(rank, world, seed=3, device=cpu)
+        resumed.load_state_dict(state)
+        resumed.start(plan, 7, len(sizes))
+        got += [resumed.next_batch(b) for b in sizes[7:] if b]
+        resumed.close()
+        assert len(got) == len(want) and resumed.samples_seen == ref.samples_seen == sum(sizes)
+        for (gx, gy), (wx, wy) in zip(got, want):
+            assert torch.equal(gx, wx) and torch.equal(gy, wy)
+        with pytest.raises(RuntimeError, match="the plan given to start"):
+            off = data.train_stream(rank, world, seed=3, device=cpu)
+            off.start(plan, 0, len(sizes))
+            off.next_batch(31)
+
+
+def test_map_style_evaluation_covers_the_test_set_once_over_ranks() -> None:
+    from localsgd.data import LoaderOptions, loaded
+
+    ds = _digits()
+    data = loaded(ds, "dataloader", LoaderOptions())
+    cpu = torch.device("cpu")
+    parts = [torch.cat([y for _, y in data.eval_batches(r, 3, 50, cpu)]) for r in range(3)]
+    assert [torch.equal(p, ds.y_test[r::3]) for r, p in enumerate(parts)] == [True] * 3
+    assert data.input_shape == ds.input_shape and data.num_train == len(ds.y_train)
+
+
+LOADER_RUN = ["data=digits", "model=mlp", "model.hidden=[32]", "model.dropout=0.2", "trainer=smoke",
+              "trainer.max_steps=16", "trainer.log_every=1", "schedule.H=2", "checkpoint.every_rounds=1",
+              "checkpoint.keep_latest_k=3", "ramp=step", "ramp.milestones=[0.5]", "ramp.b_max=32"]
+
+
+@pytest.mark.slow
+def test_dataloader_runs_equal_the_in_memory_run_and_resume_after_a_kill_with_two_workers(tmp_path: Path) -> None:
+    ref = torchrun(tmp_path, tmp_path / "ref", LOADER_RUN)
+    assert ref.returncode == 0, output(ref)
+    hit = torchrun(tmp_path, tmp_path / "hit", [*LOADER_RUN, "loader.mode=dataloader", "loader.num_workers=2"],
+                   max_restarts=1, LOCALSGD_FAULT="kill:rank=1,step=9")
+    assert hit.returncode == 0, output(hit)
+    assert [r["step"] for r in records(tmp_path / "hit", "train")] == list(range(1, 17))
+    assert [r["batch_size"] for r in records(tmp_path / "hit", "train")] == [16] * 8 + [32] * 8
+    a = torch.load(tmp_path / "ref/checkpoints/step-16/model.pt")
+    b = torch.load(tmp_path / "hit/checkpoints/step-16/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same samples in the same order, dropout included

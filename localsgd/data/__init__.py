@@ -8,8 +8,9 @@
 
 All but ``tokens`` are held in memory as tensors (:class:`Dataset`). A user's own data comes from
 ``data._target_=my_pkg.make_data``: a callable, given the other keys of ``data`` as arguments, that returns
-a :class:`Dataset` (small sets, in memory) or any other :class:`TrainingData` (see ``localsgd.data.base``
-for the protocol).
+a :class:`Dataset` (small sets, in memory), a :class:`MapStyleData` (any map-style ``torch`` dataset, read by a
+``DataLoader`` with ``loader.num_workers`` workers) or any other :class:`TrainingData` (see
+``localsgd.data.base`` for the protocol).
 
 ``build(cfg)`` returns a :class:`Dataset` from one of the typed configs below (or an OmegaConf node
 with the same fields). Each config dataclass loads its dataset (``cfg.build()``) and registers itself in
@@ -22,6 +23,7 @@ from typing import Any
 
 from .base import DATASETS, Dataset, InMemoryStream, TrainingData, TrainStream
 from .cifar10 import CIFAR10Config
+from .loader import LoaderOptions, LoaderStream, MapStyleData, loaded
 from .mnist1d import MNIST1DConfig
 from .sklearn_sets import BreastCancerConfig, DigitsConfig
 from .synthetic import SyntheticLogRegConfig
@@ -31,6 +33,10 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "InMemoryStream",
+    "LoaderOptions",
+    "LoaderStream",
+    "MapStyleData",
+    "loaded",
     "TrainingData",
     "TrainStream",
     "TokenData",

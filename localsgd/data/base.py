@@ -46,7 +46,13 @@ class TrainStream(Protocol):
     @property
     def samples_seen(self) -> int: ...
 
+    def start(self, plan: Callable[[int], int], first_step: int, last_step: int) -> None:
+        """Before the first batch (and after a resume): ``plan(step)`` samples at each step to come, for
+        streams that load ahead (a ``DataLoader``); the others ignore it."""
+
     def next_batch(self, batch_size: int) -> Batch: ...
+
+    def close(self) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -90,9 +96,15 @@ class InMemoryStream:
     def samples_seen(self) -> int:
         return self.sampler.samples_seen
 
+    def start(self, plan: Callable[[int], int], first_step: int, last_step: int) -> None:
+        pass  # indexes on demand
+
     def next_batch(self, batch_size: int) -> Batch:
         idx = self.sampler.next_indices(batch_size)
         return self.x[idx], self.y[idx]
+
+    def close(self) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()  # the sampler's own state: checkpoints of earlier versions resume

@@ -159,6 +159,12 @@ class TokenWindows:
         self.generator = torch.Generator().manual_seed(seed)
         self.samples_seen = 0
 
+    def start(self, plan: Any, first_step: int, last_step: int) -> None:
+        pass  # draws on demand
+
+    def close(self) -> None:
+        pass
+
     def next_batch(self, batch_size: int) -> Batch:
         # The last window ends at hi: starts in [lo, hi - block_size - 1].
         starts = torch.randint(self.lo, self.hi - self.block_size, (batch_size,), generator=self.generator)
