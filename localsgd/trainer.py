@@ -466,7 +466,8 @@ def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str
         )
     saved = manifest.get("config", {})
     keys = sorted(k for k in set(saved) | set(config_items)
-                  if saved.get(k) != config_items.get(k) and not k.startswith(RESUME_MAY_CHANGE))
+                  if saved.get(k, added_key_default(k)) != config_items.get(k)
+                  and not k.startswith(RESUME_MAY_CHANGE))
     if keys == ["trainer.max_steps"] and cfg is not None:
         old, new = int(saved[keys[0]]), int(config_items[keys[0]])
         dependents = total_steps_dependents(cfg)
@@ -486,6 +487,23 @@ def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str
             f"checkpoint step-{step} was made with a different config ({diff}); use a new run "
             "directory, or checkpoint.resume=false to start over in this one"
         )
+
+
+def added_key_default(key: str) -> Any:
+    """The default of ``key`` (``section.field`` of a fixed section, such as ``trainer.precision``), for a
+    checkpoint written before the key existed: a run resumed with the key at its default behaves as before.
+    None for keys of the component groups, whose fields depend on the option chosen."""
+    import dataclasses
+    import typing
+
+    section, _, leaf = key.partition(".")
+    cls = typing.get_type_hints(TrainConfig).get(section)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    for f in dataclasses.fields(cls):
+        if f.name == leaf:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return None
 
 
 def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:

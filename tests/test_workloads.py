@@ -437,3 +437,33 @@ def test_dataloader_runs_equal_the_in_memory_run_and_resume_after_a_kill_with_tw
     a = torch.load(tmp_path / "ref/checkpoints/step-16/model.pt")
     b = torch.load(tmp_path / "hit/checkpoints/step-16/model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same samples in the same order, dropout included
+
+
+@pytest.mark.slow
+def test_a_user_dataset_read_from_disk_by_loader_workers_trains_under_torchrun(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = torchrun(tmp_path, run, ["model._target_=my_project.model.ResidualMLP", "model.width=16",
+                                    "data._target_=my_project.disk.spirals_on_disk", f"data.root={tmp_path / 'pts'}",
+                                    "data.n=800", "loader.num_workers=2", "trainer=smoke", "trainer.max_steps=12",
+                                    "schedule.H=4", "checkpoint=off"], PYTHONPATH=f"{EXAMPLE}{os.pathsep}{ROOT}")
+    assert proc.returncode == 0, output(proc)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"] == "my_project.disk.spirals_on_disk" and summary["samples"] == 12 * 16 * 2
+    assert sorted(p.name for p in (tmp_path / "pts").iterdir()) == ["test_x.npy", "test_y.npy", "train_x.npy",
+                                                                   "train_y.npy"]
+
+
+def test_a_checkpoint_from_before_the_step_options_resumes_only_with_them_at_their_defaults() -> None:
+    from localsgd.errors import CheckpointError
+    from localsgd.trainer import check_resumable
+
+    items = {"trainer.max_steps": 40, "trainer.precision": "fp32", "trainer.grad_accum_steps": 1,
+             "trainer.grad_clip": 0.0, "trainer.compile": False, "loader.num_workers": 0, "model.name": "mlp"}
+    older = {k: v for k, v in items.items() if not k.startswith(("trainer.precision", "trainer.grad", "trainer.comp",
+                                                                  "loader."))}
+    manifest = {"step": 20, "world_size": 2, "config": older}
+    check_resumable(manifest, 2, items)  # the new keys at their defaults: the same run
+    with pytest.raises(CheckpointError, match=r"trainer.precision: None -> 'bf16'"):
+        check_resumable(manifest, 2, {**items, "trainer.precision": "bf16"})
+    with pytest.raises(CheckpointError, match=r"model.hidden: None -> \[8\]"):
+        check_resumable(manifest, 2, {**items, "model.hidden": [8]})  # a component's new key has no default here
