@@ -33,9 +33,7 @@ GPT, under a minute on 2 cores). The last line of output is one JSON object with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -53,14 +51,12 @@ sys.path.insert(0, str(ROOT))  # run against this checkout
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.overhead import StepTimer  # noqa: E402
+from benchmarks.overhead import time_run_training  # noqa: E402
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
 from localsgd import dist  # noqa: E402
-from localsgd import trainer as trainer_lib  # noqa: E402
-from localsgd.config import TrainConfig, check_config, config_hash, flat_items, register_configs  # noqa: E402
+from localsgd.config import TrainConfig, check_config, register_configs  # noqa: E402
 from localsgd.data import text  # noqa: E402
 from localsgd.data.tokens import sequence_cross_entropy, windows  # noqa: E402
-from localsgd.hooks import StepHook  # noqa: E402
 from localsgd.models import GPTConfig  # noqa: E402
 from localsgd.train import config_dir  # noqa: E402
 
@@ -150,22 +146,8 @@ def compose(size: Size, max_steps: int) -> TrainConfig:
 
 def time_ours(size: Size, warmup: int, steps: int, scratch: Path) -> float:
     """Seconds per step of steps ``warmup+1 .. warmup+steps`` inside one ``run_training`` call."""
-    cfg = compose(size, warmup + steps)
-    items = flat_items(cfg)
-    timer = StepTimer(warmup, warmup + steps)
-    plain_build_hooks = trainer_lib.build_hooks
-
-    def with_timer(*args: Any) -> list[StepHook]:
-        return [*plain_build_hooks(*args), timer]
-
-    trainer_lib.build_hooks = with_timer
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            trainer_lib.run_training(cfg, Path(tempfile.mkdtemp(dir=scratch)), items, config_hash(items))
-    finally:
-        trainer_lib.build_hooks = plain_build_hooks
-    (w0, _), (w1, _) = timer.marks
-    return (w1 - w0) / steps
+    wall, _, _ = time_run_training(compose(size, warmup + steps), warmup, steps, scratch)
+    return wall / steps
 
 
 class PlainLoop:

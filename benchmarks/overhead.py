@@ -120,7 +120,15 @@ class StepTimer(StepHook):
 
 def run_ours(name: str, warmup: int, steps: int, scratch: Path) -> tuple[float, float]:
     """(wall, CPU) seconds of steps ``warmup+1 .. warmup+steps`` inside one ``run_training`` call."""
-    cfg = workload_config(name, warmup + steps)
+    wall, cpu, summary = time_run_training(workload_config(name, warmup + steps), warmup, steps, scratch)
+    if summary["steps"] != warmup + steps or summary["comm_rounds"] != 1:  # one_shot: only finalize() averages
+        raise AssertionError(f"unexpected run summary: {summary}")
+    return wall, cpu
+
+
+def time_run_training(cfg: TrainConfig, warmup: int, steps: int,
+                      scratch: Path) -> tuple[float, float, dict[str, Any]]:
+    """(wall, CPU) seconds of steps ``warmup+1 .. warmup+steps`` of ``run_training(cfg)``, and its summary."""
     items = flat_items(cfg)
     run_dir = Path(tempfile.mkdtemp(dir=scratch))
     timer = StepTimer(warmup, warmup + steps)
@@ -135,10 +143,8 @@ def run_ours(name: str, warmup: int, steps: int, scratch: Path) -> tuple[float, 
             summary = trainer_lib.run_training(cfg, run_dir, items, config_hash(items))
     finally:
         trainer_lib.build_hooks = plain_build_hooks
-    if summary["steps"] != warmup + steps or summary["comm_rounds"] != 1:  # one_shot: only finalize() averages
-        raise AssertionError(f"unexpected run summary: {summary}")
     (w0, c0), (w1, c1) = timer.marks
-    return w1 - w0, c1 - c0
+    return w1 - w0, c1 - c0, summary
 
 
 class Plain:
