@@ -262,24 +262,37 @@ def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("overrides", "line"), [
-    (["model._target_=my_project.model.ResNetMLP"],
-     "localsgd: invalid config: model._target_='my_project.model.ResNetMLP': cannot import it "
-     "('my_project.model' has no attribute 'ResNetMLP')"),
-    (["model=custom"], "localsgd: model._target_ is missing: model=custom builds your own model from "
+    (["model=custom"], "model._target_ is missing: model=custom builds your own model from "
                        "model._target_=<module>.<Class>"),
     (["trainer.precision=bf16", "optimizer=stn"],
-     "localsgd: invalid config: trainer.precision='bf16': optimizer=stn runs its own local step, which has no "
+     "invalid config: trainer.precision='bf16': optimizer=stn runs its own local step, which has no "
      "precision, accumulation or clipping options; choose optimizer=sgd or optimizer=adamw"),
-    (["trainer.precision=fp16"], "localsgd: invalid config: trainer.precision='fp16': float16 autocast with a "
+    (["trainer.precision=fp16"], "invalid config: trainer.precision='fp16': float16 autocast with a "
                                  "GradScaler needs CUDA"),
 ])
-def test_bad_workload_options_stop_in_one_line(tmp_path: Path, overrides: list[str], line: str) -> None:
+def test_bad_workload_options_are_refused_before_start(overrides: list[str], line: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from localsgd.config import check_config, register_configs
+    from localsgd.errors import ConfigError
+    from localsgd.train import config_dir
+
     if "fp16" in line and torch.cuda.is_available():
         pytest.skip("fp16 is allowed with CUDA")
-    proc = _cli(tmp_path, *overrides)
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=target_overrides(overrides))
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, world_size=1)
+    assert str(err.value).startswith(line), err.value
+
+
+def test_a_wrong_target_stops_the_launcher_in_one_line(tmp_path: Path) -> None:
+    proc = _cli(tmp_path, "model._target_=my_project.model.ResNetMLP")
     assert proc.returncode == 2, output(proc)
-    assert proc.stderr.strip().startswith(line), proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip() == ("localsgd: invalid config: model._target_='my_project.model.ResNetMLP': cannot "
+                                   "import it ('my_project.model' has no attribute 'ResNetMLP')"), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
