@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -180,6 +181,7 @@ def experiment_overrides_choice(args: list[str], configs: Path) -> str | None:
 
 
 TARGET_GROUPS = ("data", "model")
+REPORT_GRACE_S = 3.0  # how long ranks other than 0 wait for rank 0's one line before they exit
 
 
 def target_overrides(args: list[str]) -> list[str]:
@@ -203,10 +205,17 @@ def target_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def report(problem: str) -> None:
-    """One line on stderr, from rank 0 only: every rank finds the same problem in the same config."""
+def report(problem: str, leaving: bool = True) -> None:
+    """One line on stderr, from rank 0 only: every rank finds the same problem in the same config.
+
+    When the rank is ``leaving`` (an error), the other ranks wait a moment before they exit: torchrun stops
+    every worker as soon as the first one exits, and a rank that left first could have rank 0 stopped
+    before it says the line.
+    """
     if dist.read_env().rank == 0:
         print(f"localsgd: {problem}", file=sys.stderr, flush=True)
+    elif leaving:
+        time.sleep(REPORT_GRACE_S)
 
 
 def check_ranks_agree(items: dict[str, object], digest: str) -> None:
@@ -279,7 +288,7 @@ def main() -> None:
         os._exit(2)
     warning = experiment_overrides_choice(sys.argv[1:], configs)
     if warning:
-        report(warning)
+        report(warning, leaving=False)
     if dist.read_env().rank > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     code: int | str | None = 0

@@ -295,22 +295,6 @@ def test_a_wrong_target_stops_the_launcher_in_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_a_user_model_and_dataset_train_under_torchrun_through_target(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    proc = torchrun(tmp_path, run, ["model._target_=my_project.model.ResidualMLP", "model.width=32",
-                                    "data._target_=my_project.data.two_spirals", "data.n=1200", "trainer=smoke",
-                                    "trainer.max_steps=24", "schedule.H=4", "checkpoint=off"],
-                    PYTHONPATH=f"{EXAMPLE}{os.pathsep}{ROOT}")
-    assert proc.returncode == 0, output(proc)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["model"] == "my_project.model.ResidualMLP" and summary["data"] == "my_project.data.two_spirals"
-    width, depth = 32, 2  # the width from the command line, the depth the class's default
-    n_params = 2 * width + width + depth * (2 * width + 2 * (width * width + width)) + width * 2 + 2
-    assert summary["comm_bytes"] == summary["comm_rounds"] * 4 * n_params == 6 * 4 * n_params
-    assert summary["samples"] == 24 * 16 * 2 and 0 <= summary["final_eval_accuracy"] <= 1
-
-
 GPT_RUN = ["data=tokens", "model=gpt", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "data.block_size=16",
            "data.eval_windows=24", "optimizer=adamw", "optimizer.lr=3e-3", "trainer=smoke", "trainer.max_steps=12",
            "trainer.log_every=1", "trainer.eval_batch_size=8", "schedule.H=2", "checkpoint.every_rounds=1",
@@ -453,7 +437,7 @@ def test_dataloader_runs_equal_the_in_memory_run_and_resume_after_a_kill_with_tw
 
 
 @pytest.mark.slow
-def test_a_user_dataset_read_from_disk_by_loader_workers_trains_under_torchrun(tmp_path: Path) -> None:
+def test_a_user_model_and_dataset_read_from_disk_by_loader_workers_train_under_torchrun(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = torchrun(tmp_path, run, ["model._target_=my_project.model.ResidualMLP", "model.width=16",
                                     "data._target_=my_project.disk.spirals_on_disk", f"data.root={tmp_path / 'pts'}",
@@ -461,7 +445,11 @@ def test_a_user_dataset_read_from_disk_by_loader_workers_trains_under_torchrun(t
                                     "schedule.H=4", "checkpoint=off"], PYTHONPATH=f"{EXAMPLE}{os.pathsep}{ROOT}")
     assert proc.returncode == 0, output(proc)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["data"] == "my_project.disk.spirals_on_disk" and summary["samples"] == 12 * 16 * 2
+    assert summary["model"] == "my_project.model.ResidualMLP" and summary["data"] == "my_project.disk.spirals_on_disk"
+    assert summary["samples"] == 12 * 16 * 2
+    width, depth = 16, 2  # the width from the command line, the depth the class's default
+    n_params = 2 * width + width + depth * (2 * width + 2 * (width * width + width)) + width * 2 + 2
+    assert summary["comm_bytes"] == summary["comm_rounds"] * 4 * n_params == 3 * 4 * n_params
     assert sorted(p.name for p in (tmp_path / "pts").iterdir()) == ["test_x.npy", "test_y.npy", "train_x.npy",
                                                                    "train_y.npy"]
 
