@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import dist
 from .config import (
+    TARGET_GROUPS,
     check_config,
     close_keys,
     config_hash,
@@ -180,7 +181,6 @@ def experiment_overrides_choice(args: list[str], configs: Path) -> str | None:
     return None
 
 
-TARGET_GROUPS = ("data", "model")
 REPORT_GRACE_S = 3.0  # how long ranks other than 0 wait for rank 0's one line before they exit
 
 

@@ -466,7 +466,7 @@ def check_resumable(manifest: dict[str, Any], world: int, config_items: dict[str
         )
     saved = manifest.get("config", {})
     keys = sorted(k for k in set(saved) | set(config_items)
-                  if saved.get(k, added_key_default(k)) != config_items.get(k)
+                  if (saved[k] if k in saved else added_key_default(k)) != config_items.get(k)
                   and not k.startswith(RESUME_MAY_CHANGE))
     if keys == ["trainer.max_steps"] and cfg is not None:
         old, new = int(saved[keys[0]]), int(config_items[keys[0]])

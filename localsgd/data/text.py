@@ -502,11 +502,12 @@ def stdlib_files(root: Path | str | None = None) -> list[Path]:
     return sorted((p for p in found if p.is_file()), key=lambda p: file_key(p, root))
 
 
-def stdlib_dir() -> Path:
-    """``stdlib-bytes-py<major>.<minor>`` in the cache of the generated data sets: ``$LOCALSGD_CACHE_DIR``,
-    else ``~/.cache/localsgd`` (MNIST-1D's cache, ``localsgd.data.mnist1d.cache_root``)."""
-    base = Path(os.environ.get("LOCALSGD_CACHE_DIR") or "~/.cache/localsgd").expanduser()
-    return base / f"stdlib-bytes-py{sys.version_info[0]}.{sys.version_info[1]}"
+def stdlib_dir(cache_dir: str | None = None) -> Path:
+    """``stdlib-bytes-py<major>.<minor>`` in the cache of the generated data sets: ``cache_dir``, else
+    ``$LOCALSGD_CACHE_DIR``, else ``~/.cache/localsgd`` (MNIST-1D's, ``localsgd.data.mnist1d.cache_root``)."""
+    from .mnist1d import cache_root
+
+    return cache_root(cache_dir) / f"stdlib-bytes-py{sys.version_info[0]}.{sys.version_info[1]}"
 
 
 def _is_prepared(out_dir: Path, source: str, val_fraction: float) -> bool:

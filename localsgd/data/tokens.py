@@ -20,7 +20,6 @@ interpreter's standard library byte-level into a cache (:func:`localsgd.data.tex
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +72,7 @@ class TokensConfig:
         from . import text
 
         if not self.train_bin:  # corpus=stdlib
-            where = None
-            if self.cache_dir:
-                version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-                where = Path(self.cache_dir).expanduser() / f"stdlib-bytes-py{version}"
-            root = text.prepare_stdlib(where)
+            root = text.prepare_stdlib(text.stdlib_dir(self.cache_dir))
             train, val = root / "train.bin", root / "val.bin"
         else:
             train, val = Path(str(self.train_bin)).expanduser(), Path(str(self.val_bin)).expanduser()
