@@ -28,6 +28,10 @@ class Communicator(Protocol):
         """Every replica is identical now (a checkpoint may be taken)."""
 
     @property
+    def round_completed(self) -> bool:
+        """The last step completed a global round on every rank (where checkpoints are taken)."""
+
+    @property
     def round_steps(self) -> int:
         """H of the current round: local steps between the last communication and the next one."""
 

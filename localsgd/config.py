@@ -102,9 +102,23 @@ class SyncConfig:
     fused_max_mb: float = 4.0  # fused check up to this payload; larger ones are checked first (localsgd.engine)
     check_config_agreement: bool = True  # compare config hashes across ranks at start-up
     outer_state_on_host: bool = False  # keep an outer optimizer's round start x_t in host memory (GPU memory)
+    # Streaming and compression (localsgd.engine.streaming, .compress); the defaults are the blocking sync.
+    fragments: int = 1  # F: fragments of the parameters, each syncing at its own offset in the round (fixed H)
+    delay: int = 0  # tau: local steps a fragment's average travels before it is applied (overlap); < H/F
+    mix: float = 0.0  # alpha: weight of the local copy when a fragment's average lands (0: the average replaces it)
+    compress: str = "none"  # none | bf16 | fp16 | int8 | int4: the format the pseudo-gradient travels in
+    error_feedback: bool | None = None  # keep what the code dropped and send it next time (null: on for int8/int4)
+    compress_block: int = 256  # values per float32 scale of the int8/int4 codes
+
+    @property
+    def streams(self) -> bool:
+        """Whether the streaming engine runs (any streaming or compression option away from its default)."""
+        return (self.fragments != 1 or self.delay != 0 or self.mix != 0.0 or self.compress != "none"
+                or bool(self.error_feedback))
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         from .engine import AGREEMENT_CHECKS, BUFFER_POLICIES, NONFINITE_POLICIES, OPTIMIZER_STATE_POLICIES
+        from .engine.compress import COMPRESSIONS
 
         for key, allowed in (("buffers", BUFFER_POLICIES), ("optimizer_state", OPTIMIZER_STATE_POLICIES),
                              ("on_nonfinite", NONFINITE_POLICIES), ("agreement_check", AGREEMENT_CHECKS)):
@@ -116,6 +130,18 @@ class SyncConfig:
             yield "bucket_cap_mb", self.bucket_cap_mb, "must be > 0"
         if not self.fused_max_mb >= 0:
             yield "fused_max_mb", self.fused_max_mb, "must be >= 0 (0: always check before averaging)"
+        if self.fragments < 1:
+            yield "fragments", self.fragments, "must be >= 1 (1: the whole model syncs at once)"
+        if self.delay < 0:
+            yield "delay", self.delay, "must be >= 0 (0: a fragment's average is applied at once)"
+        if not 0.0 <= self.mix < 1.0:
+            yield "mix", self.mix, "must be in [0, 1) (the local copy's weight when an average lands)"
+        if self.compress not in COMPRESSIONS:
+            yield "compress", self.compress, f"must be one of {COMPRESSIONS}"
+        elif self.error_feedback and self.compress == "none":
+            yield "error_feedback", self.error_feedback, "needs a lossy sync.compress (bf16, fp16, int8 or int4)"
+        if self.compress_block < 1:
+            yield "compress_block", self.compress_block, "must be >= 1"
 
 
 @dataclass
@@ -565,6 +591,39 @@ def _loader(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
                "ramp=noise_scale decides each batch at run time; use loader.mode=auto or another ramp")
 
 
+def _streaming(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
+    """Streaming fragments and compressed payloads: what the streaming engine can serve."""
+    s = cfg.sync
+    if not s.streams or s.fragments < 1 or s.delay < 0:  # bad single values are named by SyncConfig.problems
+        return
+    defaults = {"fragments": 1, "delay": 0, "mix": 0.0, "compress": "none", "error_feedback": None}
+    chosen = next(f"sync.{k}={getattr(s, k)!r}" for k, default in defaults.items()
+                  if getattr(s, k) != default and getattr(s, k) is not False)
+    if cfg.schedule.name == "ddp":
+        yield (f"{chosen}: schedule=ddp averages gradients at every step, and streaming and compression act on the "
+               "model average; choose a local-SGD schedule (e.g. schedule=fixed)")
+        return
+    if s.fragments != 1 or s.delay != 0:
+        if cfg.schedule.name != "fixed":
+            yield (f"{chosen}: fragments sync at fixed offsets in a round of H steps, which needs schedule=fixed "
+                   f"(got schedule={cfg.schedule.name}); or keep sync.fragments=1 and sync.delay=0")
+        elif cfg.schedule.H % s.fragments:
+            yield (f"sync.fragments={s.fragments}: must divide schedule.H={cfg.schedule.H} (each fragment syncs once "
+                   "per round, H/fragments steps apart); choose a divisor of H")
+        elif s.delay >= cfg.schedule.H // s.fragments:
+            yield (f"sync.delay={s.delay}: must be < schedule.H/sync.fragments = {cfg.schedule.H // s.fragments}, so "
+                   "a fragment's average lands before the next fragment leaves; lower it or use fewer fragments")
+    for key, value, need in (("on_nonfinite", "skip_round", "raise"), ("buffers", "broadcast", "average or local")):
+        if getattr(s, key) == value:
+            yield (f"sync.{key}={value!r}: needs the blocking sync, and {chosen} streams or compresses; use "
+                   f"sync.{key}={need}")
+    if s.optimizer_state != "keep":
+        yield (f"sync.optimizer_state={s.optimizer_state!r}: acts on the whole model after a blocking average, and "
+               f"{chosen} streams or compresses; use sync.optimizer_state=keep")
+    if cfg.schedule.name == "hierarchical":
+        yield f"{chosen}: schedule=hierarchical needs the blocking sync; choose schedule=fixed"
+
+
 def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
     if cfg.comm.backend == "nccl" and not torch.cuda.is_available():
         yield ("comm.backend='nccl': needs CUDA, which is not available on this machine; use comm.backend=auto "
@@ -573,7 +632,7 @@ def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
 
 COMBINATION_RULES: tuple[Callable[[TrainConfig, Launch], Iterator[str]], ...] = (
     _smith_ramp_and_lr_decay, _ddp_baseline, _noise_scale_workers, _ramp_and_batch_size,
-    _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _step_options, _loader, _backend,
+    _hierarchical_groups, _metz_model, _model_and_data, _stn_model, _step_options, _loader, _streaming, _backend,
 )
 
 

@@ -65,6 +65,10 @@ class DDPBaseline:
     def in_sync(self) -> bool:
         return True  # gradients are averaged before every step: the replicas never differ
 
+    @property
+    def round_completed(self) -> bool:
+        return True  # every step is a round
+
     def step(self, loss: torch.Tensor | float | None = None) -> bool:
         self.local_step += 1
         self.stats.rounds += 1

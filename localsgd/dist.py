@@ -319,6 +319,16 @@ def all_reduce_sum_async(tensor: torch.Tensor, group: Any = None, average: bool 
     return None
 
 
+def all_gather_into_tensor_async(output: torch.Tensor, tensor: torch.Tensor, group: Any = None) -> Any:
+    """Start gathering every rank's ``tensor`` into ``output`` (rank order); a handle for :func:`wait`."""
+    if is_initialized() and tdist.get_world_size(group) > 1:
+        # all_gather_single is the name from torch 2.13 on (all_gather_into_tensor warns there)
+        gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
+        return gather(output, tensor, group=group, async_op=True)
+    output.copy_(tensor)
+    return None
+
+
 def wait(handle: Any, what: str = "all-reduce") -> None:
     if handle is not None:
         _wait(handle, what)

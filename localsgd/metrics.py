@@ -206,6 +206,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("wall time", f"{summary['wall_seconds']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)
-    line = "+" + "-" * (width + 2) + "+" + "-" * 22 + "+"
-    body = [f"| {k:<{width}} | {v:>20} |" for k, v in rows]
+    values = max(20, *(len(str(v)) for _, v in rows))
+    line = "+" + "-" * (width + 2) + "+" + "-" * (values + 2) + "+"
+    body = [f"| {k:<{width}} | {v:>{values}} |" for k, v in rows]
     return "\n".join([line, *body, line])

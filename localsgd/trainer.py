@@ -181,10 +181,10 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             metrics.write({"event": "eval", "step": done, **ev})
             tracker.log(ev, step=done)
             runlog.progress(f"eval at step {done}: {eval_line(ev)}")
-        # Checkpoints need identical replicas: after a global average (not a hierarchical group one).
-        # They come after this step's records, so a crash after the commit loses no record and a crash
-        # before it leaves records that the resume truncates and writes again.
-        if synced and comm.in_sync and comm.stats.rounds % cfg.checkpoint.every_rounds == 0:
+        # Checkpoints at the end of a round (a global one, not a hierarchical group's), after this step's
+        # records, so a crash after the commit loses no record and a crash before it leaves records
+        # that the resume truncates and writes again.
+        if synced and comm.round_completed and comm.stats.rounds % cfg.checkpoint.every_rounds == 0:
             save(done)
         if comm.stop_agreed:
             save(done)
@@ -256,7 +256,9 @@ def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.Opt
                     bucket_cap_mb=s.bucket_cap_mb, extra_tensors=plugin.averaged_tensors(),
                     config_hash=int(config_digest[:8], 16), outer=outer_lib.build(cfg.outer),
                     agreement_check=s.agreement_check, pre_average=plugin.pre_average, next_lr=next_lr,
-                    outer_state_on_host=s.outer_state_on_host, fused_max_mb=s.fused_max_mb)
+                    outer_state_on_host=s.outer_state_on_host, fused_max_mb=s.fused_max_mb, fragments=s.fragments,
+                    delay=s.delay, mix=s.mix, compress=s.compress, error_feedback=s.error_feedback,
+                    compress_block=s.compress_block)
     return sync, model
 
 

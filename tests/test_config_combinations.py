@@ -92,6 +92,18 @@ REFUSED = [  # (overrides, world size, local world size, what the message must s
     (["optimizer=stn", "model=mlp", "model.hidden=[]"], 2, 1, "model.hidden=[]: optimizer=stn puts tuned dropout"),
     (["ramp=smith", "optimizer.lr_decay=cosine"], 2, 1, "optimizer.lr_decay='cosine': ramp=smith replaces the LR "
                                                         "decay"),
+    (["sync.fragments=3"], 2, 1, "sync.fragments=3: must divide schedule.H=8"),
+    (["sync.fragments=2", "sync.delay=4"], 2, 1, "sync.delay=4: must be < schedule.H/sync.fragments = 4"),
+    (["sync.delay=1", "schedule=stich"], 2, 1, "sync.delay=1: fragments sync at fixed offsets in a round of H steps, "
+                                               "which needs schedule=fixed (got schedule=stich)"),
+    (["sync.compress=int8", "schedule=ddp"], 2, 1, "sync.compress='int8': schedule=ddp averages gradients"),
+    (["sync.compress=bf16", "sync.on_nonfinite=skip_round"], 2, 1, "sync.on_nonfinite='skip_round': needs the "
+                                                                   "blocking sync, and sync.compress='bf16'"),
+    (["sync.fragments=2", "sync.buffers=broadcast"], 2, 1, "sync.buffers='broadcast': needs the blocking sync"),
+    (["sync.mix=0.5", "sync.optimizer_state=average"], 2, 1, "sync.optimizer_state='average': acts on the whole "
+                                                             "model after a blocking average, and sync.mix=0.5"),
+    (["sync.compress=int4", "schedule=hierarchical", "schedule.group_size=1"], 2, 1, "schedule=hierarchical needs "
+                                                                                     "the blocking sync"),
 ]
 
 
@@ -104,6 +116,9 @@ def test_a_combination_is_refused_naming_its_key(overrides: list[str], world: in
 
 
 ACCEPTED = [  # the neighbours of the refused ones
+    (["sync.fragments=4", "sync.delay=1", "sync.mix=0.5", "sync.compress=int4"], 2, 1),
+    (["sync.compress=int8", "schedule=stich"], 2, 1),  # compression alone serves any schedule
+    (["sync.fragments=2", "sync.delay=3", "sync.buffers=local"], 2, 1),
     (["schedule=ddp"], 2, 1),
     (["schedule=ddp", "ramp=geometric"], 2, 1),
     (["schedule=fixed", "outer=slowmo", "ramp=noise_scale"], 2, 1),

@@ -55,6 +55,7 @@ from .check_words import (
 from .layout import FlatLayout
 from .state import LayoutCopy, OptimizerStatePolicy, ReplicaBackup, RoundSnapshot
 from .stats import SyncStats
+from .streaming import StreamingSync
 
 BUFFER_POLICIES = ("average", "broadcast", "local")
 OPTIMIZER_STATE_POLICIES = ("keep", "average", "reset")
@@ -93,6 +94,12 @@ class LocalSGD:
     adaptive schedules decide the next period from it (default: the optimizer's current rate).
     ``outer_state_on_host`` keeps an outer optimizer's round start x_t in host memory. Under the fused
     check, payloads above ``fused_max_mb`` are checked before they are averaged (see ``_sync``).
+
+    Streaming and compression (:mod:`.streaming`, :mod:`.compress`): ``fragments`` F syncing at
+    their own offsets in each round of a fixed schedule, each applied ``delay`` τ steps after it
+    leaves and mixed as ``mix``·local + (1 − ``mix``)·global; ``compress`` the payload (``none``,
+    ``bf16``, ``fp16``, ``int8``, ``int4``; blocks of ``compress_block`` values per scale) with
+    ``error_feedback`` (default: on for int8/int4). The defaults are the blocking sync.
     """
 
     def __init__(
@@ -115,6 +122,13 @@ class LocalSGD:
         next_lr: Callable[[int], float] | None = None,
         outer_state_on_host: bool = False,
         fused_max_mb: float = 4.0,
+        fragments: int = 1,
+        delay: int = 0,
+        mix: float = 0.0,
+        compress: str = "none",
+        error_feedback: bool | None = None,
+        compress_block: int = 256,
+        streaming: bool | None = None,
     ) -> None:
         if schedule is None:
             raise ValueError("LocalSGD needs a schedule, e.g. localsgd.schedules.Fixed(8)")
@@ -174,9 +188,18 @@ class LocalSGD:
         self.optimizer_state = OptimizerStatePolicy(optimizer_state, self.optimizers)
         self.snapshot = RoundSnapshot(self.layout, self.optimizers) if on_nonfinite == "skip_round" else None
         self._global: list[torch.Tensor] | None = None  # x_t, the round's starting point (outer only)
+        self.streaming: StreamingSync | None = None
         self._reset_global_copy()
         if self.snapshot is not None:
             self.snapshot.take()
+        # Streaming fragments, delayed application and compressed payloads (:mod:`.streaming`); None is
+        # the blocking sync below. ``streaming=True`` runs the streaming path even at F=1, τ=0 (same result).
+        if streaming is None:
+            streaming = fragments != 1 or delay != 0 or mix != 0.0 or compress != "none" or bool(error_feedback)
+        self.streaming = StreamingSync(self, fragments=fragments, delay=delay, mix=mix, compress=compress,
+                                       error_feedback=error_feedback, block=compress_block) if streaming else None
+        if self.streaming is not None:
+            self._global = None  # each fragment keeps its own x_ref
 
     def _make_subgroup(self) -> Any:
         """Groups of consecutive ranks for hierarchical schedules (every rank creates every group)."""
@@ -221,8 +244,9 @@ class LocalSGD:
 
     def _reset_global_copy(self) -> None:
         # Outer optimizers need x_t; at construction, after a load and after a sync it equals the
-        # current (identical) parameters, so it never has to be checkpointed at a sync.
-        if self.outer is not None and getattr(self.outer, "needs_global_copy", True):
+        # current (identical) parameters, so it never has to be checkpointed at a sync. Streaming keeps
+        # one per fragment instead.
+        if self.streaming is None and self.outer is not None and getattr(self.outer, "needs_global_copy", True):
             self._global = [v.detach().to("cpu", copy=True) if self.outer_state_on_host else v.detach().clone()
                             for v in self.param_buffers()]
 
@@ -235,6 +259,8 @@ class LocalSGD:
         self.local_step += 1
         if loss is not None:
             self._record_loss(loss)
+        if self.streaming is not None:
+            return self.streaming.step()
         if self.schedule.should_sync(self.local_step):
             self._sync()
             return True
@@ -243,6 +269,8 @@ class LocalSGD:
     def finalize(self) -> bool:
         """Average a partial last round so every replica ends identical. Returns True if it averaged."""
         self._refresh_layout()
+        if self.streaming is not None:
+            return self.streaming.finalize()
         if self.local_step == self.last_global_sync_step and self.stats.rounds > 0:
             return False
         self._sync(advance_schedule=False)
@@ -251,7 +279,17 @@ class LocalSGD:
     @property
     def in_sync(self) -> bool:
         """True when no local step was taken since the last average (replicas are identical)."""
+        if self.streaming is not None:
+            return self.local_step == self.streaming.in_sync_at
         return self.local_step == self.last_global_sync_step and (self.stats.rounds > 0 or self.local_step == 0)
+
+    @property
+    def round_completed(self) -> bool:
+        """The last step ended a global round: replicas identical after the blocking sync; under
+        streaming the round's last fragment landed (each rank's replica then rides in its checkpoint)."""
+        if self.streaming is not None:
+            return self.streaming.round_completed_at == self.local_step
+        return self.in_sync
 
     @property
     def round_steps(self) -> int:
@@ -261,7 +299,7 @@ class LocalSGD:
         return self.schedule.next_sync_step - self.last_sync_step
 
     def describe(self) -> str:
-        return self.schedule.describe()
+        return self.schedule.describe() + ("" if self.streaming is None else ", " + self.streaming.describe())
 
     @contextlib.contextmanager
     def averaged(self) -> Iterator[None]:
@@ -514,6 +552,7 @@ class LocalSGD:
             "outer": None if self.outer is None else self.outer.state_dict(),
             # x_t, the round's start, only when saved mid-round (at a global sync it equals the parameters)
             "outer_round_start": None if self._global is None or self.in_sync else [t.clone() for t in self._global],
+            **({"streaming": self.streaming.state_dict()} if self.streaming is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -533,5 +572,10 @@ class LocalSGD:
         if saved_start is not None and self._global is not None:
             for t, saved in zip(self._global, saved_start, strict=True):
                 t.copy_(saved)
+        if self.streaming is not None:
+            if "streaming" not in state:
+                raise ValueError("checkpoint was written by the blocking sync; this run streams or compresses "
+                                 "(sync.fragments, sync.delay, sync.mix, sync.compress): resume with the same settings")
+            self.streaming.load_state_dict(state["streaming"])
         if self.snapshot is not None:
             self.snapshot.take()

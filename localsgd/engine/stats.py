@@ -11,6 +11,7 @@ class SyncStats:
     """Communication so far on this rank."""
 
     rounds: int = 0  # averaging rounds completed
+    fragment_syncs: int = 0  # fragment averages completed (streaming; F per round)
     bytes: int = 0  # payload bytes this rank submitted to averaging all-reduces
     seconds: float = 0.0  # wall seconds inside sync (check + average + state policy)
     check_bytes: int = 0  # payload bytes of the agreement/NaN fingerprint all-reduces

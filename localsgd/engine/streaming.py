@@ -1,0 +1,440 @@
+"""Streaming averaging: fragments that sync at their own offsets, overlapped with the next steps.
+
+Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512, Alg. 1 and §2.3) splits the parameters
+into F fragments; fragment p syncs at the local steps t ≡ (p+1)·H/F (mod H), so one round's
+traffic spreads over the round instead of arriving as one burst. With a delay τ the fragment's
+collective starts at its sync step t (``async_op=True``: Gloo's worker threads and NCCL's stream
+carry it while the worker computes) and its result is applied τ steps later, mixed with the
+progress the replica made meanwhile (their Eq. for the merge, with α the weight of the local copy):
+
+    x̄_p(t) = outer(x_ref,p, (1/K) Σ_k x_k,p(t))     the fragment's new global value
+    x_k,p(t+τ) ← α·x_k,p(t+τ) + (1 − α)·x̄_p(t)       α = 0: the global value replaces the local one
+
+F = 1, τ = 0, α = 0 is blocking local SGD exactly (the same all-reduce of the same values, so the
+same bits at K = 2, tested). Constraints, as in torchft's DiLoCo: H divisible by F and τ < H/F, so
+at most one fragment is ever in flight and it lands before the next one leaves.
+
+What each sync sends: a copy of the fragment taken at step t (training goes on in the parameters
+while the copy travels), or with compression its pseudo-gradient x_ref − x_k (:mod:`.compress`).
+Floating buffers (BatchNorm statistics) ride with the last fragment and are averaged, never
+outer-stepped. Every guarantee of the blocking sync holds per fragment:
+
+* **Agreement and non-finite values.** A full check (:mod:`.check_words`: step, fragment round,
+  element count, config, fragment index; each rank's first non-finite step) travels with the
+  payload. A rank whose losses or fragment copy are non-finite sends zeros, and the check is read
+  before the result is used: a non-finite fragment raises :class:`~localsgd.errors.NonFiniteError`
+  on every rank and is never applied (``on_nonfinite=skip_round`` needs the blocking sync).
+* **Outer optimizers per fragment**: each fragment has its own (a copy of the configured one), so
+  its momentum follows its own rounds.
+* **Accounting**: ``stats.bytes`` adds exactly the bytes each sync submits (:func:`.compress.wire_bytes`),
+  ``stats.rounds`` counts full rounds (the last fragment's), ``stats.fragment_syncs`` every fragment.
+* **The end**: :meth:`finalize` applies what is in flight, then averages every fragment whose
+  replicas differ with τ = 0 and α = 0, so every replica ends identical.
+* **Checkpoints** hold each rank's replica (replicas differ between syncs), every fragment's x_ref,
+  error-feedback residual and outer state; one taken while a fragment is in flight waits for it and
+  records its reduced result, which the resumed run applies at the same step: bit-exact resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import dist
+from ..errors import NonFiniteError, ScheduleDisagreementError
+from . import compress as codec
+from .check_words import FullVerdict, decode_full_check, encode_full_check
+from .state import all_finite
+
+if TYPE_CHECKING:
+    from .local_sgd import LocalSGD
+
+
+def fragment_bounds(numel: int, fragments: int) -> list[tuple[int, int]]:
+    """[start, end) of ``fragments`` contiguous ranges that partition ``numel`` elements, sizes within one."""
+    return [(p * numel // fragments, (p + 1) * numel // fragments) for p in range(fragments)]
+
+
+def sync_offsets(H: int, fragments: int) -> list[int]:  # noqa: N803 - H is the paper's symbol
+    """Fragment p syncs at the steps t > 0 with t % H == offsets[p] (the last one at the round's end)."""
+    return [((p + 1) * H // fragments) % H for p in range(fragments)]
+
+
+@dataclass
+class Fragment:
+    """One fragment: where it lives in the model, its staging buffer, and its own sync state."""
+
+    index: int
+    pieces: list[tuple[torch.Tensor, int]]  # (live 1-D view into the model, offset in the fragment)
+    numel: int
+    param_numel: int  # the first param_numel elements are parameters (outer-stepped); the rest buffers
+    send: torch.Tensor  # what this rank sends (a copy taken at the sync step)
+    ref: torch.Tensor | None = None  # x_ref: the fragment's last global value, identical on every rank
+    residual: torch.Tensor | None = None  # error feedback: what this rank's codes dropped so far
+    outer: Any = None
+    syncs: int = 0  # completed syncs of this fragment
+    applied_at: int = 0  # local step of the last apply (0: never)
+    mixed: bool = False  # the last apply kept part of the local copy (α > 0): replicas differ
+
+    def gather(self) -> None:
+        for view, offset in self.pieces:
+            self.send[offset : offset + view.numel()].copy_(view)
+
+    def write(self, values: torch.Tensor, mix: float) -> None:
+        """Live ← mix·live + (1 − mix)·values (mix = 0: an exact copy)."""
+        for view, offset in self.pieces:
+            new = values[offset : offset + view.numel()]
+            if mix == 0.0:
+                view.copy_(new)
+            else:
+                view.mul_(mix).add_(new, alpha=1.0 - mix)
+
+
+@dataclass
+class InFlight:
+    """A launched fragment sync: its collectives (None once waited) and what they return into."""
+
+    fragment: int
+    launched: int  # local step it left at
+    due: int  # local step its result is applied at
+    payload: torch.Tensor  # reduced in place (all-reduce) or gathered into (int codes)
+    check: torch.Tensor
+    world: int
+    averaged_in_collective: bool
+    handles: list[Any] = field(default_factory=list)
+
+
+class StreamingSync:
+    """Fragments, delay, mix and compressed payloads for one :class:`~localsgd.engine.LocalSGD`."""
+
+    def __init__(self, engine: LocalSGD, *, fragments: int, delay: int, mix: float, compress: str,
+                 error_feedback: bool | None, block: int) -> None:
+        if int(fragments) != fragments or fragments < 1:
+            raise ValueError(f"LocalSGD fragments must be an integer >= 1, got {fragments!r}")
+        if int(delay) != delay or delay < 0:
+            raise ValueError(f"LocalSGD delay must be an integer >= 0, got {delay!r}")
+        if not 0.0 <= mix < 1.0:
+            raise ValueError(f"LocalSGD mix must be in [0, 1) (the local copy's weight), got {mix!r}")
+        if compress not in codec.COMPRESSIONS:
+            raise ValueError(f"LocalSGD compress={compress!r} is not one of {codec.COMPRESSIONS}")
+        if int(block) != block or block < 1:
+            raise ValueError(f"LocalSGD compress_block must be an integer >= 1, got {block!r}")
+        self.engine = engine
+        self.F, self.delay, self.mix = int(fragments), int(delay), float(mix)
+        self.compress, self.block = compress, block
+        self.error_feedback = codec.error_feedback_default(compress) if error_feedback is None else bool(error_feedback)
+        if self.error_feedback and compress == "none":
+            raise ValueError("LocalSGD error_feedback=True needs a lossy compress (bf16, fp16, int8 or int4)")
+        schedule = engine.schedule
+        self.periodic = self.F > 1 or self.delay > 0
+        if self.periodic:
+            H = getattr(schedule, "H", None)  # noqa: N806
+            if schedule.name != "fixed" or H is None:
+                raise ValueError(f"LocalSGD fragments={self.F}, delay={self.delay}: streaming syncs fragments at "
+                                 f"fixed offsets in a round of H steps and needs a fixed schedule, got "
+                                 f"{schedule.describe()}")
+            if H % self.F:
+                raise ValueError(f"LocalSGD fragments={self.F}: must divide the period H={H}")
+            if self.delay >= H // self.F:
+                raise ValueError(f"LocalSGD delay={self.delay}: must be < H/fragments = {H // self.F}, so a "
+                                 "fragment lands before the next one leaves")
+            self.H, self.offsets = H, sync_offsets(H, self.F)
+        if engine.on_nonfinite != "raise":
+            raise ValueError("LocalSGD on_nonfinite=skip_round rolls every fragment back together and needs the "
+                             "blocking sync; use fragments=1, delay=0, compress=none, or on_nonfinite=raise")
+        if engine.buffer_policy == "broadcast":
+            raise ValueError("LocalSGD buffers=broadcast needs the blocking sync; use buffers=average or local")
+        if engine.optimizer_state.policy != "keep":
+            raise ValueError(f"LocalSGD optimizer_state={engine.optimizer_state.policy!r} acts on the whole model "
+                             "after a blocking average; streaming and compression need optimizer_state=keep")
+        if engine._subgroup is not None:
+            raise ValueError("LocalSGD: a hierarchical schedule needs the blocking sync")
+        self.fragments: list[Fragment] = []
+        self.inflight: InFlight | None = None
+        self._layout_version = -1
+        self.in_sync_at = 0  # the local step at which every replica was last identical
+        self.round_completed_at = -1  # the local step at which the last round's last fragment landed
+        self._finalizing = False
+        self._build_fragments()
+
+    def describe(self) -> str:
+        parts = [f"fragments={self.F}"] if self.F > 1 else []
+        parts += [f"delay={self.delay}"] if self.delay else []
+        parts += [f"mix={self.mix:g}"] if self.mix else []
+        if self.compress != "none":
+            parts.append(self.compress + ("+ef" if self.error_feedback else ""))
+        return " ".join(parts) or "streaming"
+
+    # ---------------------------------------------------------------- layout
+    def _build_fragments(self) -> None:
+        layout = self.engine.layout
+        if len(layout.buffers) != 1:
+            kinds = ", ".join(f"{fb.flat.dtype} on {fb.flat.device}" for fb in layout.buffers) or "none"
+            raise ValueError(f"LocalSGD streaming/compression averages one flat buffer, and this model's averaged "
+                             f"tensors come in {len(layout.buffers)} (dtype, device) groups ({kinds}); give every "
+                             "parameter one dtype and device")
+        fb = layout.buffers[0]
+        bounds = fragment_bounds(fb.param_numel, self.F)
+        buffer_views = [b.view(-1) for b in fb.buffers]
+        old = self.fragments
+        self.fragments = []
+        for p, (s, e) in enumerate(bounds):
+            pieces = [(fb.flat[s:e], 0)] if e > s else []
+            numel = e - s
+            if p == self.F - 1:
+                for view in buffer_views:
+                    pieces.append((view, numel))
+                    numel += view.numel()
+            frag = Fragment(p, pieces, numel, e - s, torch.empty(numel, dtype=fb.flat.dtype, device=fb.flat.device))
+            if old and old[p].numel == numel:  # a re-pointed model (moved, not resized): keep the sync state
+                for name in ("ref", "residual", "outer", "syncs", "applied_at", "mixed"):
+                    setattr(frag, name, getattr(old[p], name))
+            else:
+                frag.outer = copy.deepcopy(self.engine.outer) if self.engine.outer is not None else None
+                if self._keeps_ref:
+                    frag.gather()
+                    frag.ref = frag.send.clone()
+                if self.error_feedback:
+                    frag.residual = torch.zeros(numel, dtype=torch.float32, device=fb.flat.device)
+            self.fragments.append(frag)
+        self._layout_version = layout.version
+
+    @property
+    def _keeps_ref(self) -> bool:
+        outer = self.engine.outer
+        return self.compress != "none" or (outer is not None and getattr(outer, "needs_global_copy", True))
+
+    def _refresh(self) -> None:
+        engine = self.engine
+        if not engine.layout.quick_ok():
+            engine.layout.refresh()
+        if engine.layout.version != self._layout_version:
+            self._build_fragments()
+
+    # ---------------------------------------------------------------- the step
+    def due_fragments(self, t: int) -> list[int]:
+        """Fragments whose sync step is ``t``."""
+        if self.periodic:
+            return [p for p, off in enumerate(self.offsets) if t % self.H == off]
+        return [0] if self.engine.schedule.should_sync(t) else []
+
+    def step(self) -> bool:
+        """After local step ``engine.local_step``: apply what is due, launch what syncs now."""
+        engine, t = self.engine, self.engine.local_step
+        applied = False
+        if self.inflight is not None and self.inflight.due == t:
+            self._apply(self.inflight, t)
+            self.inflight, applied = None, True
+        for p in self.due_fragments(t):
+            start = time.perf_counter()
+            self._refresh()
+            pending = self._launch(p, t)
+            engine.stats.seconds += time.perf_counter() - start
+            if pending.due == t:
+                self._apply(pending, t)
+                applied = True
+            else:
+                self.inflight = pending
+        return applied
+
+    def _round_ended(self, launched: int) -> None:
+        """Bookkeeping when the round's last fragment lands; the round ended at its launch step."""
+        engine = self.engine
+        engine.stats.rounds += 1
+        engine.last_sync_step = launched
+        self.round_completed_at = engine.local_step
+        if not self.periodic:  # any schedule: it observes all-reduced values only, as in the blocking sync
+            engine.schedule.observe(step=launched, loss=engine.last_round_loss, lr=engine._next_round_lr())
+        engine.schedule.advance(launched)
+
+    # ---------------------------------------------------------------- launch and apply
+    def _launch(self, p: int, t: int) -> InFlight:
+        engine = self.engine
+        group = engine.group
+        world, me = engine._size_rank(group)
+        frag = self.fragments[p]
+        if engine.pre_average is not None:
+            engine.pre_average(group)
+        with torch.no_grad():
+            frag.gather()
+            bad_step = engine._local_nonfinite_step(scan_replica=False)
+            if bad_step < 0 and not all_finite(frag.send):
+                bad_step = t
+            payload, averaged = self._encode(frag, world, bad=bad_step >= 0, group=group)
+            next_h = 0 if self.periodic or self._finalizing else engine.schedule.fingerprint()
+            last = p == self.F - 1
+            words = encode_full_check([t, frag.syncs, frag.numel, engine.config_hash, next_h * self.F + p], world, me,
+                                      bad_step, engine.stop_requested, engine._mean_round_loss(),
+                                      [int(b) for b in engine.layout.int_buffers] if last else [])
+            check = torch.tensor(words, dtype=torch.int64, device=frag.send.device)
+            engine._round_loss = [0.0, 0]
+            pending = InFlight(p, t, t + self.delay, payload, check, world, averaged)
+            if world > 1:
+                pending.handles.append(dist.all_reduce_max_async(check, group=group))
+                if self.compress in codec.QMAX:
+                    gathered = torch.empty(world * payload.numel(), dtype=payload.dtype, device=payload.device)
+                    pending.handles.append(dist.all_gather_into_tensor_async(gathered, payload, group=group))
+                    pending.payload = gathered
+                else:
+                    pending.handles.append(dist.all_reduce_sum_async(payload, group=group, average=averaged))
+                engine.stats.bytes += codec.wire_bytes(frag.numel, self.compress, frag.send.element_size(), self.block)
+                engine.stats.check_bytes += check.numel() * check.element_size()
+        return pending
+
+    def _encode(self, frag: Fragment, world: int, bad: bool, group: Any) -> tuple[torch.Tensor, bool]:
+        """The payload this rank sends, and whether the collective averages (else it sums)."""
+        averaged = world > 1 and dist.average_in_collective(group)
+        if self.compress == "none":
+            if bad:
+                frag.send.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
+            return frag.send, averaged
+        assert frag.ref is not None
+        delta = torch.zeros(frag.numel, dtype=torch.float32, device=frag.send.device)
+        if not bad:
+            delta.copy_(frag.ref).sub_(frag.send)  # the pseudo-gradient x_ref − x_k
+            if frag.residual is not None:
+                delta.add_(frag.residual)
+        if self.compress in codec.CAST_DTYPES:
+            wire = delta.to(codec.CAST_DTYPES[self.compress])
+            if frag.residual is not None and not bad:
+                frag.residual.copy_(delta).sub_(wire.to(torch.float32))
+            return wire, averaged
+        code = codec.encode_blocks(delta, self.compress, self.block)
+        if frag.residual is not None and not bad:
+            frag.residual.copy_(delta).sub_(codec.decode_blocks(code, frag.numel, self.compress, self.block))
+        return codec.pack_code(code), False
+
+    def _finish(self, pending: InFlight) -> None:
+        for h in pending.handles:
+            dist.wait(h, "LocalSGD fragment average")
+        pending.handles = []
+
+    def _apply(self, pending: InFlight, t: int) -> None:
+        engine = self.engine
+        start = time.perf_counter()
+        self._refresh()
+        self._finish(pending)
+        frag = self.fragments[pending.fragment]
+        verdict: FullVerdict = decode_full_check(pending.check.tolist(), pending.world)
+        engine.last_round_loss = verdict.mean_loss
+        engine.stop_agreed = engine.stop_agreed or verdict.stop
+        if verdict.disagree:
+            raise ScheduleDisagreementError(verdict.disagree, verdict.odd_ranks, pending.launched)
+        if verdict.bad:
+            raise NonFiniteError(verdict.bad, pending.launched, where=f"fragment {frag.index} of {self.F}")
+        with torch.no_grad():
+            average = self._decode(frag, pending)
+            if frag.outer is not None:
+                params, ref = average[: frag.param_numel], frag.ref
+                frag.outer.step([] if ref is None else [ref[: frag.param_numel]], [params],
+                                inner_lr=engine._current_lr() or 1.0)
+            if frag.ref is not None:
+                frag.ref.copy_(average)
+            mix = self.mix if pending.world > 1 else 0.0
+            frag.write(average, mix)
+            if pending.fragment == self.F - 1:
+                for b, value in zip(engine.layout.int_buffers, verdict.int_buffers):
+                    b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
+        frag.syncs += 1
+        frag.applied_at, frag.mixed = t, mix > 0
+        engine.stats.fragment_syncs += 1
+        if pending.fragment == self.F - 1 and not self._finalizing:
+            self._round_ended(pending.launched)
+        if all(f.applied_at == t and not f.mixed for f in self.fragments):
+            self.in_sync_at = t
+        engine.stats.seconds += time.perf_counter() - start
+
+    def _decode(self, frag: Fragment, pending: InFlight) -> torch.Tensor:
+        """The fragment's average x̄ (before the outer step), in the buffer's dtype."""
+        world, payload = pending.world, pending.payload
+        if self.compress == "none":
+            if world > 1 and not pending.averaged_in_collective:
+                payload.div_(world)
+            return payload
+        assert frag.ref is not None
+        if self.compress in codec.CAST_DTYPES:
+            mean = payload.to(torch.float32)
+            if world > 1 and not pending.averaged_in_collective:
+                mean.div_(world)
+        else:
+            wires = payload.view(world, -1)
+            mean = torch.zeros(frag.numel, dtype=torch.float32, device=payload.device)
+            for r in range(world):  # rank order: every rank sums the same codes the same way
+                mean.add_(codec.decode_blocks(codec.unpack_code(wires[r], frag.numel, self.compress, self.block),
+                                              frag.numel, self.compress, self.block))
+            mean.div_(world)
+        return (frag.ref.to(torch.float32) - mean).to(frag.send.dtype)
+
+    # ---------------------------------------------------------------- the end
+    def finalize(self) -> bool:
+        """Apply what is in flight, then average (τ = 0, α = 0) every fragment whose replicas differ."""
+        engine, t = self.engine, self.engine.local_step
+        self._refresh()
+        if self.inflight is not None:
+            self._apply(self.inflight, t)
+            self.inflight = None
+        if self.in_sync_at == t and engine.stats.rounds > 0:
+            return False
+        world, _ = engine._size_rank(engine.group)
+        saved_mix, self.mix, self._finalizing = self.mix, 0.0, True
+        try:
+            for frag in self.fragments:
+                if world == 1 or frag.applied_at != t or frag.mixed:
+                    pending = self._launch(frag.index, t)
+                    pending.due = t
+                    self._apply(pending, t)
+        finally:
+            self.mix, self._finalizing = saved_mix, False
+        engine.stats.rounds += 1  # as in the blocking sync, the final average counts as a round
+        self.in_sync_at = t
+        engine.last_sync_step = engine.last_global_sync_step = t
+        return True
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        inflight = None
+        if self.inflight is not None:  # wait for it and record its reduced result, applied at its step
+            self._finish(self.inflight)
+            f = self.inflight
+            inflight = {"fragment": f.fragment, "launched": f.launched, "due": f.due, "world": f.world,
+                        "averaged_in_collective": f.averaged_in_collective, "payload": f.payload.clone(),
+                        "check": f.check.clone()}
+        return {
+            "fragments": [{"ref": None if f.ref is None else f.ref.clone(),
+                           "residual": None if f.residual is None else f.residual.clone(),
+                           "outer": None if f.outer is None else f.outer.state_dict(),
+                           "syncs": f.syncs, "applied_at": f.applied_at, "mixed": f.mixed} for f in self.fragments],
+            # replicas differ between syncs: each rank's own copy (model.pt holds rank 0's)
+            "replica": {"params": [fb.param_view.clone() for fb in self.engine.layout.buffers],
+                        "buffers": [[b.clone() for b in fb.buffers] for fb in self.engine.layout.buffers]},
+            "inflight": inflight, "in_sync_at": self.in_sync_at,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._refresh()
+        saved = state["fragments"]
+        if len(saved) != self.F:
+            raise ValueError(f"checkpoint holds {len(saved)} fragments, this run has fragments={self.F}")
+        with torch.no_grad():
+            replica = state["replica"]
+            for fb, params, buffers in zip(self.engine.layout.buffers, replica["params"], replica["buffers"],
+                                           strict=True):
+                fb.param_view.copy_(params)
+                for b, value in zip(fb.buffers, buffers, strict=True):
+                    b.copy_(value)
+            for frag, s in zip(self.fragments, saved):
+                for name in ("ref", "residual"):
+                    value = s[name]
+                    if value is not None and getattr(frag, name) is not None:
+                        getattr(frag, name).copy_(value)
+                if frag.outer is not None and s["outer"] is not None:
+                    frag.outer.load_state_dict(s["outer"])
+                frag.syncs, frag.applied_at, frag.mixed = int(s["syncs"]), int(s["applied_at"]), bool(s["mixed"])
+        self.in_sync_at = int(state["in_sync_at"])
+        f = state["inflight"]
+        self.inflight = None if f is None else InFlight(f["fragment"], f["launched"], f["due"], f["payload"],
+                                                        f["check"], f["world"], f["averaged_in_collective"])
