@@ -168,8 +168,9 @@ class ShapedLink:
 
     SUBNET = "10.231.77"
 
-    def __init__(self, rate_mbit: float) -> None:
+    def __init__(self, rate_mbit: float, mtu: int | None = None) -> None:
         tag = f"{os.getpid() % 100000}"
+        self.mtu = mtu  # None: the veth default (1500); 9000: jumbo frames, as cluster links use
         self.names = [f"lsgdb{tag}a", f"lsgdb{tag}b"]
         self.ifaces = [f"lsgv{tag}a", f"lsgv{tag}b"]
         self.addrs = [f"{self.SUBNET}.1", f"{self.SUBNET}.2"]
@@ -180,9 +181,11 @@ class ShapedLink:
         burst = max(32_000, int(rate_bytes / 1000))  # 1 ms of traffic: small messages are shaped too
         cmds = [["ip", "netns", "add", n] for n in self.names]
         cmds.append(["ip", "link", "add", self.ifaces[0], "type", "veth", "peer", "name", self.ifaces[1]])
+        mtu = self.mtu
         for ns, iface, addr in zip(self.names, self.ifaces, self.addrs):
             cmds += [["ip", "link", "set", iface, "netns", ns],
                      ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", iface],
+                     *([["ip", "-n", ns, "link", "set", iface, "mtu", str(mtu)]] if mtu else []),
                      ["ip", "-n", ns, "link", "set", iface, "up"],
                      ["ip", "-n", ns, "link", "set", "lo", "up"],
                      ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", iface, "root", "tbf",

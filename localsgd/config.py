@@ -106,6 +106,7 @@ class SyncConfig:
     fragments: int = 1  # F: fragments of the parameters, each syncing at its own offset in the round (fixed H)
     delay: int = 0  # tau: local steps a fragment's average travels before it is applied (overlap); < H/F
     mix: float = 0.0  # alpha: weight of the local copy when a fragment's average lands (0: the average replaces it)
+    merge: str = "mix"  # mix (Streaming DiLoCo's alpha) | progress: average + the local steps taken while it travelled
     compress: str = "none"  # none | bf16 | fp16 | int8 | int4: the format the pseudo-gradient travels in
     error_feedback: bool | None = None  # keep what the code dropped and send it next time (null: on for int8/int4)
     compress_block: int = 256  # values per float32 scale of the int8/int4 codes
@@ -113,12 +114,14 @@ class SyncConfig:
     @property
     def streams(self) -> bool:
         """Whether the streaming engine runs (any streaming or compression option away from its default)."""
-        return (self.fragments != 1 or self.delay != 0 or self.mix != 0.0 or self.compress != "none"
+        return (self.fragments != 1 or self.delay != 0 or self.mix != 0.0 or self.merge != "mix"
+                or self.compress != "none"
                 or bool(self.error_feedback))
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         from .engine import AGREEMENT_CHECKS, BUFFER_POLICIES, NONFINITE_POLICIES, OPTIMIZER_STATE_POLICIES
         from .engine.compress import COMPRESSIONS
+        from .engine.streaming import MERGES
 
         for key, allowed in (("buffers", BUFFER_POLICIES), ("optimizer_state", OPTIMIZER_STATE_POLICIES),
                              ("on_nonfinite", NONFINITE_POLICIES), ("agreement_check", AGREEMENT_CHECKS)):
@@ -136,6 +139,10 @@ class SyncConfig:
             yield "delay", self.delay, "must be >= 0 (0: a fragment's average is applied at once)"
         if not 0.0 <= self.mix < 1.0:
             yield "mix", self.mix, "must be in [0, 1) (the local copy's weight when an average lands)"
+        if self.merge not in MERGES:
+            yield "merge", self.merge, f"must be one of {MERGES}"
+        elif self.merge == "progress" and self.mix != 0.0:
+            yield "mix", self.mix, "must be 0 with sync.merge=progress (it keeps all the local progress)"
         if self.compress not in COMPRESSIONS:
             yield "compress", self.compress, f"must be one of {COMPRESSIONS}"
         elif self.error_feedback and self.compress == "none":
@@ -596,7 +603,7 @@ def _streaming(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
     s = cfg.sync
     if not s.streams or s.fragments < 1 or s.delay < 0:  # bad single values are named by SyncConfig.problems
         return
-    defaults = {"fragments": 1, "delay": 0, "mix": 0.0, "compress": "none", "error_feedback": None}
+    defaults = {"fragments": 1, "delay": 0, "mix": 0.0, "merge": "mix", "compress": "none", "error_feedback": None}
     chosen = next(f"sync.{k}={getattr(s, k)!r}" for k, default in defaults.items()
                   if getattr(s, k) != default and getattr(s, k) is not False)
     if cfg.schedule.name == "ddp":

@@ -257,7 +257,7 @@ def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.Opt
                     config_hash=int(config_digest[:8], 16), outer=outer_lib.build(cfg.outer),
                     agreement_check=s.agreement_check, pre_average=plugin.pre_average, next_lr=next_lr,
                     outer_state_on_host=s.outer_state_on_host, fused_max_mb=s.fused_max_mb, fragments=s.fragments,
-                    delay=s.delay, mix=s.mix, compress=s.compress, error_feedback=s.error_feedback,
+                    delay=s.delay, mix=s.mix, merge=s.merge, compress=s.compress, error_feedback=s.error_feedback,
                     compress_block=s.compress_block)
     return sync, model
 

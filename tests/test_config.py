@@ -58,6 +58,11 @@ def test_every_shipped_group_option_composes_and_validates(group: str, option: s
         assert getattr(cfg, group).name == (extra[0].split("=")[1] if option == "custom" else option)
 
 
+def test_a_progress_merge_takes_no_mix() -> None:
+    with pytest.raises(ConfigError, match=r"sync.mix=0.5: must be 0 with sync.merge=progress"):
+        check_config(_compose("sync.merge=progress", "sync.mix=0.5"))
+
+
 @pytest.mark.parametrize(("override", "named"), [
     ("trainer.max_steps=0", "trainer.max_steps=0: must be >= 1"),
     ("trainer.batch_size=-4", "trainer.batch_size=-4"),
@@ -68,6 +73,7 @@ def test_every_shipped_group_option_composes_and_validates(group: str, option: s
     ("sync.optimizer_state=zero", "sync.optimizer_state='zero'"),
     ("sync.compress=int2", "sync.compress='int2': must be one of ('none', 'bf16', 'fp16', 'int8', 'int4')"),
     ("sync.mix=1.0", "sync.mix=1.0: must be in [0, 1)"),
+    ("sync.merge=blend", "sync.merge='blend': must be one of ('mix', 'progress')"),
     ("sync.fragments=0", "sync.fragments=0: must be >= 1"),
     ("sync.delay=-1", "sync.delay=-1: must be >= 0"),
     ("sync.error_feedback=true", "sync.error_feedback=True: needs a lossy sync.compress"),

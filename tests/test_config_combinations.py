@@ -117,6 +117,7 @@ def test_a_combination_is_refused_naming_its_key(overrides: list[str], world: in
 
 ACCEPTED = [  # the neighbours of the refused ones
     (["sync.fragments=4", "sync.delay=1", "sync.mix=0.5", "sync.compress=int4"], 2, 1),
+    (["sync.fragments=4", "sync.delay=1", "sync.merge=progress", "sync.compress=int4"], 2, 1),
     (["sync.compress=int8", "schedule=stich"], 2, 1),  # compression alone serves any schedule
     (["sync.fragments=2", "sync.delay=3", "sync.buffers=local"], 2, 1),
     (["schedule=ddp"], 2, 1),

@@ -75,37 +75,73 @@ def wire_bytes(numel: int, compress: str, element_size: int, block: int = DEFAUL
     return code_bytes(numel, compress, block) + 4 * n_blocks(numel, block)
 
 
-def encode_blocks(values: torch.Tensor, compress: str, block: int = DEFAULT_BLOCK) -> BlockCode:
-    """Round-to-nearest block code of a 1-D tensor (see the module docstring)."""
+def _segments(numel: int, block: int) -> list[tuple[int, int, int]]:
+    """(start, end, values per block) of the full blocks and of the short last block, if any: each
+    segment is viewed as (blocks, width) in place, so no pass pads or copies the values."""
+    full = numel // block * block
+    out = [(0, full, block)] if full else []
+    return out + ([(full, numel, numel - full)] if numel > full else [])
+
+
+def encode_blocks(values: torch.Tensor, compress: str, block: int = DEFAULT_BLOCK,
+                  residual: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> BlockCode:
+    """Round-to-nearest block code of a 1-D float32 tensor (see the module docstring).
+
+    ``residual`` (same length), when given, receives what the code drops, ``values − decode(code)``
+    (error feedback), computed from the rounded grid in the same pass instead of a second decode.
+    ``scratch`` (float32, same length), when given, holds the grid instead of a fresh temporary.
+    """
     qmax = QMAX[compress]
     n = values.numel()
-    nb = n_blocks(n, block)
-    padded = torch.zeros(nb * block, dtype=torch.float32, device=values.device)
-    padded[:n] = values
-    blocks = padded.view(nb, block)
-    scales = blocks.abs().amax(dim=1) / qmax
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.clamp(torch.round(blocks / safe[:, None]), -qmax, qmax).to(torch.int8).view(-1)[:n]
+    q = torch.empty(n, dtype=torch.int8, device=values.device)
+    scales = []
+    for start, end, width in _segments(n, block):
+        blocks = values[start:end].view(-1, width)
+        grid = blocks.abs() if scratch is None else torch.abs(blocks, out=scratch[start:end].view(-1, width))
+        s = grid.amax(dim=1).div_(qmax)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        torch.div(blocks, safe[:, None], out=grid).round_().clamp_(-qmax, qmax)  # q = round(v / s)
+        if residual is not None:
+            torch.addcmul(blocks, grid, s[:, None], value=-1.0, out=residual[start:end].view(-1, width))  # v − q·s
+        q[start:end].view(-1, width).copy_(grid)  # integers already: the cast is exact
+        scales.append(s)
+    scale = torch.cat(scales) if len(scales) > 1 else scales[0]
     if compress == "int8":
-        return BlockCode(q.view(torch.uint8), scales)
+        return BlockCode(q.view(torch.uint8), scale)
     nibbles = (q + 8).to(torch.uint8)  # 1..15
     if n % 2:
         nibbles = torch.cat([nibbles, nibbles.new_full((1,), 8)])
-    return BlockCode(nibbles[0::2] | (nibbles[1::2] << 4), scales)
+    return BlockCode(nibbles[0::2] | (nibbles[1::2] << 4), scale)
+
+
+def _codes_as_float(code: BlockCode, numel: int, compress: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    if compress == "int8":
+        codes = code.codes.view(torch.int8)
+        return codes.to(torch.float32) if out is None else out.copy_(codes)
+    low = (code.codes & 0x0F).to(torch.int16) - 8
+    high = (code.codes >> 4).to(torch.int16) - 8
+    return torch.stack([low, high], dim=1).view(-1)[:numel].to(torch.float32)
+
+
+def accumulate_blocks(out: torch.Tensor, code: BlockCode, compress: str, block: int = DEFAULT_BLOCK,
+                      weight: float = 1.0, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += weight · decode(code)``, one fused pass per segment (``out``: float32, the code's length;
+    ``scratch``, float32 of the same length, holds the codes as floats instead of a fresh temporary)."""
+    n = out.numel()
+    q = _codes_as_float(code, n, compress, scratch)
+    scales = code.scales * weight if weight != 1.0 else code.scales
+    first = 0
+    for start, end, width in _segments(n, block):
+        nb = (end - start) // width
+        out[start:end].view(-1, width).addcmul_(q[start:end].view(-1, width), scales[first:first + nb, None])
+        first += nb
+    return out
 
 
 def decode_blocks(code: BlockCode, numel: int, compress: str, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """float32 values of a block code (exact inverse of the rounding grid: q · s)."""
-    if compress == "int8":
-        q = code.codes.view(torch.int8).to(torch.float32)
-    else:
-        low = (code.codes & 0x0F).to(torch.int16) - 8
-        high = (code.codes >> 4).to(torch.int16) - 8
-        q = torch.stack([low, high], dim=1).view(-1)[:numel].to(torch.float32)
-    nb = code.scales.numel()
-    padded = torch.zeros(nb * block, dtype=torch.float32, device=q.device)
-    padded[:numel] = q
-    return (padded.view(nb, block) * code.scales[:, None]).view(-1)[:numel]
+    out = torch.zeros(numel, dtype=torch.float32, device=code.codes.device)
+    return accumulate_blocks(out, code, compress, block)
 
 
 def pack_code(code: BlockCode) -> torch.Tensor:

@@ -97,7 +97,8 @@ class LocalSGD:
 
     Streaming and compression (:mod:`.streaming`, :mod:`.compress`): ``fragments`` F syncing at
     their own offsets in each round of a fixed schedule, each applied ``delay`` τ steps after it
-    leaves and mixed as ``mix``·local + (1 − ``mix``)·global; ``compress`` the payload (``none``,
+    leaves and mixed as ``mix``·local + (1 − ``mix``)·global, or with ``merge="progress"`` added to
+    the local progress made meanwhile (global + local − sent); ``compress`` the payload (``none``,
     ``bf16``, ``fp16``, ``int8``, ``int4``; blocks of ``compress_block`` values per scale) with
     ``error_feedback`` (default: on for int8/int4). The defaults are the blocking sync.
     """
@@ -125,6 +126,7 @@ class LocalSGD:
         fragments: int = 1,
         delay: int = 0,
         mix: float = 0.0,
+        merge: str = "mix",
         compress: str = "none",
         error_feedback: bool | None = None,
         compress_block: int = 256,
@@ -195,9 +197,11 @@ class LocalSGD:
         # Streaming fragments, delayed application and compressed payloads (:mod:`.streaming`); None is
         # the blocking sync below. ``streaming=True`` runs the streaming path even at F=1, τ=0 (same result).
         if streaming is None:
-            streaming = fragments != 1 or delay != 0 or mix != 0.0 or compress != "none" or bool(error_feedback)
-        self.streaming = StreamingSync(self, fragments=fragments, delay=delay, mix=mix, compress=compress,
-                                       error_feedback=error_feedback, block=compress_block) if streaming else None
+            streaming = (fragments != 1 or delay != 0 or mix != 0.0 or merge != "mix" or compress != "none"
+                         or bool(error_feedback))
+        self.streaming = StreamingSync(self, fragments=fragments, delay=delay, mix=mix, merge=merge,
+                                       compress=compress, error_feedback=error_feedback,
+                                       block=compress_block) if streaming else None
         if self.streaming is not None:
             self._global = None  # each fragment keeps its own x_ref
 

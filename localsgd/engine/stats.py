@@ -14,6 +14,7 @@ class SyncStats:
     fragment_syncs: int = 0  # fragment averages completed (streaming; F per round)
     bytes: int = 0  # payload bytes this rank submitted to averaging all-reduces
     seconds: float = 0.0  # wall seconds inside sync (check + average + state policy)
+    wait_seconds: float = 0.0  # of those, blocked on a streaming fragment still in flight when it was due
     check_bytes: int = 0  # payload bytes of the agreement/NaN fingerprint all-reduces
     skipped_rounds: int = 0  # rounds rolled back under on_nonfinite=skip_round
     eval_bytes: int = 0  # payload of averages made only to evaluate the averaged model

@@ -10,6 +10,11 @@ progress the replica made meanwhile (their Eq. for the merge, with α the weight
     x̄_p(t) = outer(x_ref,p, (1/K) Σ_k x_k,p(t))     the fragment's new global value
     x_k,p(t+τ) ← α·x_k,p(t+τ) + (1 − α)·x̄_p(t)       α = 0: the global value replaces the local one
 
+``merge="progress"`` instead keeps all the progress the replica made while the fragment travelled,
+as computation-communication decoupled SGD does (CoCoD-SGD; Shen et al. 2019, arXiv 1906.12043):
+
+    x_k,p(t+τ) ← x̄_p(t) + (x_k,p(t+τ) − x_k,p(t))   the average, plus this rank's last τ steps
+
 F = 1, τ = 0, α = 0 is blocking local SGD exactly (the same all-reduce of the same values, so the
 same bits at K = 2, tested). Constraints, as in torchft's DiLoCo: H divisible by F and τ < H/F, so
 at most one fragment is ever in flight and it lands before the next one leaves.
@@ -54,6 +59,9 @@ if TYPE_CHECKING:
     from .local_sgd import LocalSGD
 
 
+MERGES = ("mix", "progress")  # how a delayed fragment's average meets the replica's progress (module docstring)
+
+
 def fragment_bounds(numel: int, fragments: int) -> list[tuple[int, int]]:
     """[start, end) of ``fragments`` contiguous ranges that partition ``numel`` elements, sizes within one."""
     return [(p * numel // fragments, (p + 1) * numel // fragments) for p in range(fragments)]
@@ -84,11 +92,14 @@ class Fragment:
         for view, offset in self.pieces:
             self.send[offset : offset + view.numel()].copy_(view)
 
-    def write(self, values: torch.Tensor, mix: float) -> None:
-        """Live ← mix·live + (1 − mix)·values (mix = 0: an exact copy)."""
+    def write(self, values: torch.Tensor, mix: float, sent: torch.Tensor | None = None) -> None:
+        """Live ← mix·live + (1 − mix)·values (mix = 0: an exact copy); with ``sent`` (the copy this rank
+        sent), live ← values + (live − sent): the average plus the progress made since."""
         for view, offset in self.pieces:
             new = values[offset : offset + view.numel()]
-            if mix == 0.0:
+            if sent is not None:
+                view.add_(new).sub_(sent[offset : offset + view.numel()])
+            elif mix == 0.0:
                 view.copy_(new)
             else:
                 view.mul_(mix).add_(new, alpha=1.0 - mix)
@@ -106,12 +117,13 @@ class InFlight:
     world: int
     averaged_in_collective: bool
     handles: list[Any] = field(default_factory=list)
+    sent: torch.Tensor | None = None  # merge="progress": the copy this rank sent
 
 
 class StreamingSync:
     """Fragments, delay, mix and compressed payloads for one :class:`~localsgd.engine.LocalSGD`."""
 
-    def __init__(self, engine: LocalSGD, *, fragments: int, delay: int, mix: float, compress: str,
+    def __init__(self, engine: LocalSGD, *, fragments: int, delay: int, mix: float, merge: str = "mix", compress: str,
                  error_feedback: bool | None, block: int) -> None:
         if int(fragments) != fragments or fragments < 1:
             raise ValueError(f"LocalSGD fragments must be an integer >= 1, got {fragments!r}")
@@ -124,7 +136,11 @@ class StreamingSync:
         if int(block) != block or block < 1:
             raise ValueError(f"LocalSGD compress_block must be an integer >= 1, got {block!r}")
         self.engine = engine
-        self.F, self.delay, self.mix = int(fragments), int(delay), float(mix)
+        if merge not in MERGES:
+            raise ValueError(f"LocalSGD merge={merge!r} is not one of {MERGES}")
+        if merge == "progress" and mix != 0.0:
+            raise ValueError(f"LocalSGD merge='progress' keeps all local progress: it takes no mix (got mix={mix!r})")
+        self.F, self.delay, self.mix, self.merge = int(fragments), int(delay), float(mix), merge
         self.compress, self.block = compress, block
         self.error_feedback = codec.error_feedback_default(compress) if error_feedback is None else bool(error_feedback)
         if self.error_feedback and compress == "none":
@@ -165,6 +181,7 @@ class StreamingSync:
         parts = [f"fragments={self.F}"] if self.F > 1 else []
         parts += [f"delay={self.delay}"] if self.delay else []
         parts += [f"mix={self.mix:g}"] if self.mix else []
+        parts += ["merge=progress"] if self.merge == "progress" else []
         if self.compress != "none":
             parts.append(self.compress + ("+ef" if self.error_feedback else ""))
         return " ".join(parts) or "streaming"
@@ -182,6 +199,7 @@ class StreamingSync:
         buffer_views = [b.view(-1) for b in fb.buffers]
         old = self.fragments
         self.fragments = []
+        self._work: dict[str, torch.Tensor] = {}  # reusable float32 work buffers (see _scratch)
         for p, (s, e) in enumerate(bounds):
             pieces = [(fb.flat[s:e], 0)] if e > s else []
             numel = e - s
@@ -273,6 +291,9 @@ class StreamingSync:
             check = torch.tensor(words, dtype=torch.int64, device=frag.send.device)
             engine._round_loss = [0.0, 0]
             pending = InFlight(p, t, t + self.delay, payload, check, world, averaged)
+            if self.merge == "progress" and world > 1 and self.delay > 0 and not self._finalizing:
+                # the all-reduce of compress=none reduces the send buffer in place: keep the copy apart
+                pending.sent = frag.send.clone() if payload is frag.send else frag.send
             if world > 1:
                 pending.handles.append(dist.all_reduce_max_async(check, group=group))
                 if self.compress in codec.QMAX:
@@ -293,7 +314,8 @@ class StreamingSync:
                 frag.send.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
             return frag.send, averaged
         assert frag.ref is not None
-        delta = torch.zeros(frag.numel, dtype=torch.float32, device=frag.send.device)
+        delta = self._scratch("delta", frag)
+        delta.zero_()
         if not bad:
             delta.copy_(frag.ref).sub_(frag.send)  # the pseudo-gradient x_ref − x_k
             if frag.residual is not None:
@@ -303,15 +325,25 @@ class StreamingSync:
             if frag.residual is not None and not bad:
                 frag.residual.copy_(delta).sub_(wire.to(torch.float32))
             return wire, averaged
-        code = codec.encode_blocks(delta, self.compress, self.block)
-        if frag.residual is not None and not bad:
-            frag.residual.copy_(delta).sub_(codec.decode_blocks(code, frag.numel, self.compress, self.block))
+        keep = frag.residual if frag.residual is not None and not bad else None
+        code = codec.encode_blocks(delta, self.compress, self.block, residual=keep, scratch=self._scratch("grid", frag))
         return codec.pack_code(code), False
 
+    def _scratch(self, name: str, frag: Fragment) -> torch.Tensor:
+        """A float32 work buffer of the fragment's length, kept between syncs (one per name, sized for the
+        largest fragment: at most one is in flight), so a sync allocates and faults in no fresh pages."""
+        buf = self._work.get(name)
+        if buf is None or buf.numel() < frag.numel or buf.device != frag.send.device:
+            size = max(f.numel for f in self.fragments)
+            buf = self._work[name] = torch.empty(size, dtype=torch.float32, device=frag.send.device)
+        return buf[: frag.numel]
+
     def _finish(self, pending: InFlight) -> None:
+        start = time.perf_counter()
         for h in pending.handles:
             dist.wait(h, "LocalSGD fragment average")
         pending.handles = []
+        self.engine.stats.wait_seconds += time.perf_counter() - start
 
     def _apply(self, pending: InFlight, t: int) -> None:
         engine = self.engine
@@ -335,12 +367,12 @@ class StreamingSync:
             if frag.ref is not None:
                 frag.ref.copy_(average)
             mix = self.mix if pending.world > 1 else 0.0
-            frag.write(average, mix)
+            frag.write(average, mix, pending.sent)
             if pending.fragment == self.F - 1:
                 for b, value in zip(engine.layout.int_buffers, verdict.int_buffers):
                     b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
         frag.syncs += 1
-        frag.applied_at, frag.mixed = t, mix > 0
+        frag.applied_at, frag.mixed = t, mix > 0 or pending.sent is not None
         engine.stats.fragment_syncs += 1
         if pending.fragment == self.F - 1 and not self._finalizing:
             self._round_ended(pending.launched)
@@ -362,12 +394,13 @@ class StreamingSync:
                 mean.div_(world)
         else:
             wires = payload.view(world, -1)
-            mean = torch.zeros(frag.numel, dtype=torch.float32, device=payload.device)
+            mean = self._scratch("mean", frag).zero_()
             for r in range(world):  # rank order: every rank sums the same codes the same way
-                mean.add_(codec.decode_blocks(codec.unpack_code(wires[r], frag.numel, self.compress, self.block),
-                                              frag.numel, self.compress, self.block))
-            mean.div_(world)
-        return (frag.ref.to(torch.float32) - mean).to(frag.send.dtype)
+                code = codec.unpack_code(wires[r], frag.numel, self.compress, self.block)
+                codec.accumulate_blocks(mean, code, self.compress, self.block, weight=1.0 / world,
+                                        scratch=self._scratch("grid", frag))
+        mean.neg_().add_(frag.ref)  # x_ref − mean pseudo-gradient: the fragment's average
+        return mean if frag.send.dtype == torch.float32 else mean.to(frag.send.dtype)
 
     # ---------------------------------------------------------------- the end
     def finalize(self) -> bool:
@@ -402,7 +435,7 @@ class StreamingSync:
             f = self.inflight
             inflight = {"fragment": f.fragment, "launched": f.launched, "due": f.due, "world": f.world,
                         "averaged_in_collective": f.averaged_in_collective, "payload": f.payload.clone(),
-                        "check": f.check.clone()}
+                        "check": f.check.clone(), "sent": None if f.sent is None else f.sent.clone()}
         return {
             "fragments": [{"ref": None if f.ref is None else f.ref.clone(),
                            "residual": None if f.residual is None else f.residual.clone(),
@@ -437,4 +470,5 @@ class StreamingSync:
         self.in_sync_at = int(state["in_sync_at"])
         f = state["inflight"]
         self.inflight = None if f is None else InFlight(f["fragment"], f["launched"], f["due"], f["payload"],
-                                                        f["check"], f["world"], f["averaged_in_collective"])
+                                                        f["check"], f["world"], f["averaged_in_collective"],
+                                                        sent=f.get("sent"))
