@@ -496,6 +496,10 @@ def plot(s: dict[str, Any], path: Path) -> Path:
     if "floor" in c:
         bars.axvline(c["floor"]["ms_per_step"], color="k", linestyle="--", linewidth=1)
     bars.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    bars.xaxis.set_major_formatter(ScalarFormatter())  # plain numbers, no overlapping minor labels
+    bars.xaxis.set_minor_formatter(NullFormatter())
     bars.set_xlabel("ms per step (log; dashed: no communication)")
     where = "loopback" if s["link_mbit"] is None else f"{s['link_mbit']:g} Mbit/s"
     bars.set_title(f"2 ranks, {where}, H = {H}")

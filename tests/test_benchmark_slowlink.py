@@ -20,31 +20,34 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import slowlink  # noqa: E402
 
 
-def _real_ddp(rank: int, world: int, seed: int, steps: int) -> list[float]:
+def _real_ddp(rank: int, world: int, seeds: list[int], steps: int) -> list[list[float]]:
     from torch.nn import functional as fn
     from torch.nn.parallel import DistributedDataParallel
 
     x_train, y_train, _, _ = slowlink.load_data()
-    torch.manual_seed(seed)
-    model = slowlink.make_model()
-    ddp = DistributedDataParallel(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=slowlink.LR, momentum=slowlink.MOMENTUM)
-    idx = slowlink.batch_indices(seed, rank, steps, len(y_train))
-    for t in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        fn.cross_entropy(ddp(x_train[idx[t]]), y_train[idx[t]]).backward()
-        optimizer.step()
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().tolist()
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = slowlink.make_model()
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=slowlink.LR, momentum=slowlink.MOMENTUM)
+        idx = slowlink.batch_indices(seed, rank, steps, len(y_train))
+        for t in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            fn.cross_entropy(ddp(x_train[idx[t]]), y_train[idx[t]]).backward()
+            optimizer.step()
+        out.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().tolist())
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 3])
-def test_the_in_process_ddp_trajectory_is_ddp(seed: int) -> None:
-    steps = slowlink.H  # one snapshot
-    real = run_ok(_real_ddp, 2, seed, steps, timeout_s=120)
-    sim = slowlink._ddp_trajectory(seed, steps, slowlink.load_data())[-1][1]
-    for r in real:
-        assert torch.allclose(torch.tensor(r), sim, rtol=0, atol=1e-5)
+def test_the_in_process_ddp_trajectory_is_ddp() -> None:
+    seeds, steps = [0, 3], slowlink.H  # one snapshot per seed
+    real = run_ok(_real_ddp, 2, seeds, steps, timeout_s=120)
+    for i, seed in enumerate(seeds):
+        sim = slowlink._ddp_trajectory(seed, steps, slowlink.load_data())[-1][1]
+        for rank_result in real:
+            assert torch.allclose(torch.tensor(rank_result[i]), sim, rtol=0, atol=1e-5)
 
 
 def _run(name: str, seed: int, steps: int, wall: float, sent: int, curve: list[tuple[int, float, float]]
