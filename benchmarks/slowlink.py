@@ -572,6 +572,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", type=Path, default=None, help="write the two-panel figure to this PNG")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before the ranks are stopped")
     args = ap.parse_args(argv)
+    if not args.no_link and not 0 < args.link_mbit < 1e6:
+        ap.error(f"--link-mbit must be a rate in Mbit/s > 0, got {args.link_mbit:g} (or --no-link for loopback)")
     names = [n for n in args.contenders.split(",") if n] or list(QUICK if args.quick else CONTENDERS)
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:

@@ -120,3 +120,25 @@ def test_a_tiny_loopback_run_prints_the_issue_keys() -> None:
             assert key in d
     assert set(result["contenders"]) == {"floor", "ddp", "ours_blocking", "ours_streaming_compressed"}
     assert result["contenders"]["ours_blocking"]["accuracy_delta_vs_blocking"] == 0.0
+
+
+def test_without_root_the_benchmark_stops_with_one_line_naming_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import averaging
+
+    def refuse(cmd: list[str], **kw: Any) -> Any:
+        if cmd[:3] == ["ip", "netns", "add"]:
+            raise subprocess.CalledProcessError(2, cmd, stderr="mount --make-shared /run/netns failed: Operation "
+                                                              "not permitted")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(averaging.subprocess, "run", refuse)
+    with pytest.raises(SystemExit) as stop:
+        slowlink.main(["--quick", "--contenders", "floor"])
+    message = str(stop.value)
+    assert message.startswith("slowlink: --link-mbit needs root and iproute2") and "not permitted" in message
+    assert "\n" not in message
+
+
+def test_a_rate_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        slowlink.main(["--link-mbit", "-5"])
