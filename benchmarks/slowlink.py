@@ -187,11 +187,14 @@ class TorchAveragerRun(Contender):
 
     def step(self, loss: Any) -> None:
         self.averager.average_parameters(self.params)
+        self.steps = getattr(self, "steps", 0) + 1
 
-    def finish(self) -> None:  # it has no final sync: average once, as the others do
+    def finish(self) -> None:  # it has no final sync: average a partial last round, as the others do
         import torch
         import torch.distributed as tdist
 
+        if self.steps % H == 0:
+            return  # the last step averaged
         with torch.no_grad():
             flat = torch.nn.utils.parameters_to_vector(self.params)
             tdist.all_reduce(flat)

@@ -629,6 +629,9 @@ def _streaming(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
                f"{chosen} streams or compresses; use sync.optimizer_state=keep")
     if cfg.schedule.name == "hierarchical":
         yield f"{chosen}: schedule=hierarchical needs the blocking sync; choose schedule=fixed"
+    if s.outer_state_on_host:
+        yield (f"sync.outer_state_on_host=True: the streaming engine keeps each fragment's x_ref beside the model, and "
+               f"{chosen} streams or compresses; use sync.outer_state_on_host=false")
 
 
 def _backend(cfg: TrainConfig, launch: Launch) -> Iterator[str]:

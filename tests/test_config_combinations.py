@@ -100,6 +100,8 @@ REFUSED = [  # (overrides, world size, local world size, what the message must s
     (["sync.compress=bf16", "sync.on_nonfinite=skip_round"], 2, 1, "sync.on_nonfinite='skip_round': needs the "
                                                                    "blocking sync, and sync.compress='bf16'"),
     (["sync.fragments=2", "sync.buffers=broadcast"], 2, 1, "sync.buffers='broadcast': needs the blocking sync"),
+    (["sync.compress=int8", "outer=nesterov", "sync.outer_state_on_host=true"], 2, 1,
+     "sync.outer_state_on_host=True: the streaming engine keeps each fragment's x_ref beside the model"),
     (["sync.mix=0.5", "sync.optimizer_state=average"], 2, 1, "sync.optimizer_state='average': acts on the whole "
                                                              "model after a blocking average, and sync.mix=0.5"),
     (["sync.compress=int4", "schedule=hierarchical", "schedule.group_size=1"], 2, 1, "schedule=hierarchical needs "

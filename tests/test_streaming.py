@@ -85,23 +85,20 @@ def test_casts_round_within_the_unit_roundoff(compress: str, unit: float) -> Non
 
 
 def _sums_sent_and_true(compress: str, error_feedback: bool, rounds: int = 200) -> tuple[float, float]:
-    """One rank, H = 1: each round moves the parameters by d (one large element sets the block's scale,
-    the others sit below half a quantum); returns max |Σ true − Σ sent| and one quantum."""
-    x = nn.Parameter(torch.zeros(256, dtype=torch.float32))
-    holder = nn.Module()
-    holder.x = x
-    sync = localsgd.LocalSGD(holder, None, schedule=Fixed(1), compress=compress, error_feedback=error_feedback)
+    """Each round the pseudo-gradient is d (one large element sets the block's scale, the others sit
+    below half a quantum), coded as the engine codes it (with the residual added first, as ``_encode``
+    does); returns max |Σ true − Σ sent| and one quantum. The engine's use of the residual on real ranks
+    is checked against the hand-computed quadratic below."""
     d = torch.full((256,), 0.003)
     d[0] = 1.0
+    residual = torch.zeros(256)
     true_sum = torch.zeros(256, dtype=torch.float64)
     sent_sum = torch.zeros(256, dtype=torch.float64)
     for _ in range(rounds):
-        before = x.detach().clone()
-        with torch.no_grad():
-            x.sub_(d)  # a local step: Δ = x_ref − x = d
+        delta = d + residual if error_feedback else d.clone()
+        code = codec.encode_blocks(delta, compress, residual=residual if error_feedback else None)
         true_sum += d.double()
-        assert sync.step()
-        sent_sum += (before - x.detach()).double()  # what the average applied
+        sent_sum += codec.decode_blocks(code, 256, compress).double()
     return float((true_sum - sent_sum).abs().max()), 1.0 / codec.QMAX[compress]
 
 
@@ -125,6 +122,13 @@ def test_streaming_options_are_refused_with_the_reason() -> None:
         localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=Fixed(8), compress="int2")
     with pytest.raises(ValueError, match="needs the blocking sync"):
         localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=Fixed(8), compress="int8", on_nonfinite="skip_round")
+    with pytest.raises(ValueError, match="has only 2 parameter values, fewer than fragments"):
+        localsgd.LocalSGD(nn.Linear(1, 1), None, schedule=Fixed(8), fragments=4)
+    with pytest.raises(ValueError, match="pre_average runs before every average"):
+        localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=Fixed(8), fragments=2, pre_average=lambda group: None)
+    with pytest.raises(ValueError, match="outer_state_on_host=True needs the blocking sync"):
+        localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=Fixed(8), compress="int8",
+                          outer=NesterovOuter(0.7, 0.9), outer_state_on_host=True)
     mixed = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2).double())
     with pytest.raises(ValueError, match="come in 2 \\(dtype, device\\) groups"):
         localsgd.LocalSGD(mixed, None, schedule=Fixed(8), fragments=2)
@@ -424,6 +428,29 @@ def _resume_mid_flight(rank: int, world: int, extra: dict) -> bool:
 def test_a_checkpoint_with_a_fragment_in_flight_resumes_bit_for_bit(extra: dict) -> None:
     # merge=progress: the copy each rank sent rides in the checkpoint (its progress is added to the average)
     assert all(run_ok(_resume_mid_flight, 2, extra, timeout_s=60))
+
+
+@pytest.mark.parametrize("kw", [{"mix": 0.5}, {"merge": "progress"}, {"compress": "int8"}, {"compress": "fp16"}])
+def test_world_one_streaming_trains_exactly_like_no_sync(kw: dict) -> None:
+    def run(sync_kw: dict | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Linear(6, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sync = None if sync_kw is None else localsgd.LocalSGD(model, opt, schedule=Fixed(4), fragments=2,
+                                                              delay=1, **sync_kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(13):
+            opt.zero_grad()
+            model(torch.randn(5, 6, generator=gen)).square().mean().backward()
+            opt.step()
+            if sync is not None:
+                sync.step()
+        if sync is not None:
+            sync.finalize()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(None), run(kw)):
+        assert torch.equal(a, b)
 
 
 def test_world_one_streaming_is_plain_training_and_counts_no_bytes() -> None:

@@ -97,8 +97,8 @@ class Fragment:
         sent), live ← values + (live − sent): the average plus the progress made since."""
         for view, offset in self.pieces:
             new = values[offset : offset + view.numel()]
-            if sent is not None:
-                view.add_(new).sub_(sent[offset : offset + view.numel()])
+            if sent is not None:  # the difference first: exactly 0 where nothing changed
+                view.add_(new - sent[offset : offset + view.numel()])
             elif mix == 0.0:
                 view.copy_(new)
             else:
@@ -169,8 +169,15 @@ class StreamingSync:
                              "after a blocking average; streaming and compression need optimizer_state=keep")
         if engine._subgroup is not None:
             raise ValueError("LocalSGD: a hierarchical schedule needs the blocking sync")
+        if engine.outer_state_on_host:
+            raise ValueError("LocalSGD outer_state_on_host=True needs the blocking sync: streaming keeps each "
+                             "fragment's x_ref beside the model")
+        if engine.pre_average is not None and self.F > 1:
+            raise ValueError(f"LocalSGD pre_average runs before every average and moves the whole model; with "
+                             f"fragments={self.F} it would run F times a round: use fragments=1")
         self.fragments: list[Fragment] = []
         self.inflight: InFlight | None = None
+        self._overflow = False  # the last cast payload overflowed its format (fp16 beyond 65504)
         self._layout_version = -1
         self.in_sync_at = 0  # the local step at which every replica was last identical
         self.round_completed_at = -1  # the local step at which the last round's last fragment landed
@@ -195,6 +202,9 @@ class StreamingSync:
                              f"tensors come in {len(layout.buffers)} (dtype, device) groups ({kinds}); give every "
                              "parameter one dtype and device")
         fb = layout.buffers[0]
+        if fb.param_numel < self.F:
+            raise ValueError(f"LocalSGD fragments={self.F}: the model has only {fb.param_numel} parameter values, "
+                             "fewer than fragments; use fewer fragments")
         bounds = fragment_bounds(fb.param_numel, self.F)
         buffer_views = [b.view(-1) for b in fb.buffers]
         old = self.fragments
@@ -282,7 +292,10 @@ class StreamingSync:
             bad_step = engine._local_nonfinite_step(scan_replica=False)
             if bad_step < 0 and not all_finite(frag.send):
                 bad_step = t
+            self._overflow = False
             payload, averaged = self._encode(frag, world, bad=bad_step >= 0, group=group)
+            if self._overflow:
+                bad_step = t
             next_h = 0 if self.periodic or self._finalizing else engine.schedule.fingerprint()
             last = p == self.F - 1
             words = encode_full_check([t, frag.syncs, frag.numel, engine.config_hash, next_h * self.F + p], world, me,
@@ -291,7 +304,8 @@ class StreamingSync:
             check = torch.tensor(words, dtype=torch.int64, device=frag.send.device)
             engine._round_loss = [0.0, 0]
             pending = InFlight(p, t, t + self.delay, payload, check, world, averaged)
-            if self.merge == "progress" and world > 1 and self.delay > 0 and not self._finalizing:
+            # world 1: the "average" is the copy sent, so the progress since is kept whatever the merge
+            if (self.merge == "progress" or world == 1) and self.delay > 0 and not self._finalizing:
                 # the all-reduce of compress=none reduces the send buffer in place: keep the copy apart
                 pending.sent = frag.send.clone() if payload is frag.send else frag.send
             if world > 1:
@@ -322,6 +336,9 @@ class StreamingSync:
                 delta.add_(frag.residual)
         if self.compress in codec.CAST_DTYPES:
             wire = delta.to(codec.CAST_DTYPES[self.compress])
+            if not bad and not all_finite(wire):  # |Δ| beyond fp16's range: inf, never summed into the others
+                self._overflow = True
+                return wire.zero_(), averaged
             if frag.residual is not None and not bad:
                 frag.residual.copy_(delta).sub_(wire.to(torch.float32))
             return wire, averaged
@@ -367,12 +384,14 @@ class StreamingSync:
             if frag.ref is not None:
                 frag.ref.copy_(average)
             mix = self.mix if pending.world > 1 else 0.0
-            frag.write(average, mix, pending.sent)
+            if pending.world > 1 or frag.outer is not None:  # alone and without an outer step: nothing to apply
+                frag.write(average, mix, pending.sent)
             if pending.fragment == self.F - 1:
                 for b, value in zip(engine.layout.int_buffers, verdict.int_buffers):
                     b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
         frag.syncs += 1
-        frag.applied_at, frag.mixed = t, mix > 0 or pending.sent is not None
+        # an average applied at its own launch step (finalize's flush) met no progress: replicas are identical
+        frag.applied_at, frag.mixed = t, mix > 0 or (pending.sent is not None and t > pending.launched)
         engine.stats.fragment_syncs += 1
         if pending.fragment == self.F - 1 and not self._finalizing:
             self._round_ended(pending.launched)
