@@ -47,7 +47,6 @@ import json
 import math
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -59,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this
 
 from benchmarks.averaging import ShapedLink  # noqa: E402
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
-from localsgd.testing.ranks import run_ranks  # noqa: E402
+from localsgd.testing.ranks import free_port, run_ranks  # noqa: E402
 
 H = 16
 # 128 samples per rank: one step then takes about as long as in the measurement that asked for this
@@ -230,7 +229,7 @@ class TorchftRun(Contender):
 
         super().__init__(model, optimizer)
         timeout = datetime.timedelta(seconds=120)
-        port = _free_port(addr)
+        port = free_port(addr)
         self.store = TCPStore(addr, port, is_master=True, wait_for_workers=False)
         self.manager = Manager(
             pg=ProcessGroupGloo(timeout=timeout), load_state_dict=None, state_dict=None, min_replica_size=2,
@@ -273,12 +272,6 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _free_port(addr: str) -> int:
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------- one rank's work
 def _start_lighthouse(addr: str) -> tuple[Any, str]:
     """Rank 0: a torchft lighthouse in this namespace; every rank gets its address."""
@@ -288,7 +281,7 @@ def _start_lighthouse(addr: str) -> tuple[Any, str]:
     if _rank() == 0:
         from torchft._torchft import LighthouseServer
 
-        port = _free_port(addr)
+        port = free_port(addr)
         server = LighthouseServer(bind=f"[::]:{port}", min_replicas=2)
         address = [f"http://{addr}:{port}"]
     tdist.broadcast_object_list(address, src=0)

@@ -112,11 +112,11 @@ class SyncConfig:
     compress_block: int = 256  # values per float32 scale of the int8/int4 codes
 
     @property
-    def streams(self) -> bool:
-        """Whether the streaming engine runs (any streaming or compression option away from its default)."""
-        return (self.fragments != 1 or self.delay != 0 or self.mix != 0.0 or self.merge != "mix"
-                or self.compress != "none"
-                or bool(self.error_feedback))
+    def streaming_options(self) -> list[str]:
+        """The streaming/compression options away from the blocking sync's values (empty: blocking)."""
+        from .engine.streaming import BLOCKING_DEFAULTS, streaming_options
+
+        return streaming_options(**{k: getattr(self, k) for k in BLOCKING_DEFAULTS})
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         from .engine import AGREEMENT_CHECKS, BUFFER_POLICIES, NONFINITE_POLICIES, OPTIMIZER_STATE_POLICIES
@@ -601,11 +601,10 @@ def _loader(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
 def _streaming(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
     """Streaming fragments and compressed payloads: what the streaming engine can serve."""
     s = cfg.sync
-    if not s.streams or s.fragments < 1 or s.delay < 0:  # bad single values are named by SyncConfig.problems
+    options = s.streaming_options
+    if not options or s.fragments < 1 or s.delay < 0:  # bad single values are named by SyncConfig.problems
         return
-    defaults = {"fragments": 1, "delay": 0, "mix": 0.0, "merge": "mix", "compress": "none", "error_feedback": None}
-    chosen = next(f"sync.{k}={getattr(s, k)!r}" for k, default in defaults.items()
-                  if getattr(s, k) != default and getattr(s, k) is not False)
+    chosen = f"sync.{options[0]}={getattr(s, options[0])!r}"
     if cfg.schedule.name == "ddp":
         yield (f"{chosen}: schedule=ddp averages gradients at every step, and streaming and compression act on the "
                "model average; choose a local-SGD schedule (e.g. schedule=fixed)")

@@ -55,7 +55,7 @@ from .check_words import (
 from .layout import FlatLayout
 from .state import LayoutCopy, OptimizerStatePolicy, ReplicaBackup, RoundSnapshot
 from .stats import SyncStats
-from .streaming import StreamingSync
+from .streaming import StreamingSync, streaming_options
 
 BUFFER_POLICIES = ("average", "broadcast", "local")
 OPTIMIZER_STATE_POLICIES = ("keep", "average", "reset")
@@ -197,8 +197,8 @@ class LocalSGD:
         # Streaming fragments, delayed application and compressed payloads (:mod:`.streaming`); None is
         # the blocking sync below. ``streaming=True`` runs the streaming path even at F=1, τ=0 (same result).
         if streaming is None:
-            streaming = (fragments != 1 or delay != 0 or mix != 0.0 or merge != "mix" or compress != "none"
-                         or bool(error_feedback))
+            streaming = bool(streaming_options(fragments=fragments, delay=delay, mix=mix, merge=merge,
+                                               compress=compress, error_feedback=error_feedback))
         self.streaming = StreamingSync(self, fragments=fragments, delay=delay, mix=mix, merge=merge,
                                        compress=compress, error_feedback=error_feedback,
                                        block=compress_block) if streaming else None
@@ -579,7 +579,8 @@ class LocalSGD:
         if self.streaming is not None:
             if "streaming" not in state:
                 raise ValueError("checkpoint was written by the blocking sync; this run streams or compresses "
-                                 "(sync.fragments, sync.delay, sync.mix, sync.compress): resume with the same settings")
+                                 "(sync.fragments, sync.delay, sync.mix, sync.merge, sync.compress): resume with the "
+                                 "same settings")
             self.streaming.load_state_dict(state["streaming"])
         if self.snapshot is not None:
             self.snapshot.take()

@@ -60,6 +60,15 @@ if TYPE_CHECKING:
 
 
 MERGES = ("mix", "progress")  # how a delayed fragment's average meets the replica's progress (module docstring)
+# The options at which LocalSGD runs the blocking sync; any other value of one of them streams or compresses.
+BLOCKING_DEFAULTS = {"fragments": 1, "delay": 0, "mix": 0.0, "merge": "mix", "compress": "none", "error_feedback": None}
+
+
+def streaming_options(**options: Any) -> list[str]:
+    """The names of the streaming/compression options set away from the blocking sync's values
+    (``error_feedback=False`` is the blocking default too)."""
+    return [k for k, default in BLOCKING_DEFAULTS.items()
+            if options.get(k, default) != default and not (k == "error_feedback" and not options[k])]
 
 
 def fragment_bounds(numel: int, fragments: int) -> list[tuple[int, int]]:
@@ -177,7 +186,6 @@ class StreamingSync:
                              f"fragments={self.F} it would run F times a round: use fragments=1")
         self.fragments: list[Fragment] = []
         self.inflight: InFlight | None = None
-        self._overflow = False  # the last cast payload overflowed its format (fp16 beyond 65504)
         self._layout_version = -1
         self.in_sync_at = 0  # the local step at which every replica was last identical
         self.round_completed_at = -1  # the local step at which the last round's last fragment landed
@@ -292,9 +300,8 @@ class StreamingSync:
             bad_step = engine._local_nonfinite_step(scan_replica=False)
             if bad_step < 0 and not all_finite(frag.send):
                 bad_step = t
-            self._overflow = False
-            payload, averaged = self._encode(frag, world, bad=bad_step >= 0, group=group)
-            if self._overflow:
+            payload, averaged, overflow = self._encode(frag, world, bad=bad_step >= 0, group=group)
+            if overflow:
                 bad_step = t
             next_h = 0 if self.periodic or self._finalizing else engine.schedule.fingerprint()
             last = p == self.F - 1
@@ -320,13 +327,14 @@ class StreamingSync:
                 engine.stats.check_bytes += check.numel() * check.element_size()
         return pending
 
-    def _encode(self, frag: Fragment, world: int, bad: bool, group: Any) -> tuple[torch.Tensor, bool]:
-        """The payload this rank sends, and whether the collective averages (else it sums)."""
+    def _encode(self, frag: Fragment, world: int, bad: bool, group: Any) -> tuple[torch.Tensor, bool, bool]:
+        """The payload this rank sends, whether the collective averages (else it sums), and whether a cast
+        overflowed its format (fp16 beyond 65504: the payload is then zeros, as for a non-finite replica)."""
         averaged = world > 1 and dist.average_in_collective(group)
         if self.compress == "none":
             if bad:
                 frag.send.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
-            return frag.send, averaged
+            return frag.send, averaged, False
         assert frag.ref is not None
         delta = self._scratch("delta", frag)
         delta.zero_()
@@ -337,14 +345,13 @@ class StreamingSync:
         if self.compress in codec.CAST_DTYPES:
             wire = delta.to(codec.CAST_DTYPES[self.compress])
             if not bad and not all_finite(wire):  # |Δ| beyond fp16's range: inf, never summed into the others
-                self._overflow = True
-                return wire.zero_(), averaged
+                return wire.zero_(), averaged, True
             if frag.residual is not None and not bad:
                 frag.residual.copy_(delta).sub_(wire.to(torch.float32))
-            return wire, averaged
+            return wire, averaged, False
         keep = frag.residual if frag.residual is not None and not bad else None
         code = codec.encode_blocks(delta, self.compress, self.block, residual=keep, scratch=self._scratch("grid", frag))
-        return codec.pack_code(code), False
+        return codec.pack_code(code), False, False
 
     def _scratch(self, name: str, frag: Fragment) -> torch.Tensor:
         """A float32 work buffer of the fragment's length, kept between syncs (one per name, sized for the

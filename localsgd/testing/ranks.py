@@ -39,10 +39,10 @@ __all__ = ["free_port", "run_ranks", "run_ok"]
 _EXIT_GRACE_S = 5.0
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 now (the OS picks it), for one run's rendezvous."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it), for one run's rendezvous."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
