@@ -190,7 +190,9 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             save(done)
             metrics.write({"event": "preempted", "step": done})
             where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
-            runlog.say(f"localsgd: stopped at step {done}, {where}; run the same command to resume", stream=sys.stderr)
+            # every launch gets a fresh run directory: the resume names this one
+            runlog.say(f"localsgd: stopped at step {done}, {where}; to resume, run the same command with "
+                       f"hydra.run.dir={run_dir}", stream=sys.stderr)
             raise SystemExit(REQUEUE_EXIT_CODE)
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary

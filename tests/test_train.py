@@ -241,6 +241,7 @@ def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes
     stopped = records(run, "preempted")[-1]["step"]
     assert stopped % period == 0 and (run / f"checkpoints/step-{stopped}/manifest.json").exists()
     assert f"stopped at step {stopped}, checkpoint step-{stopped}" in first.stderr, output(first)
+    assert f"run the same command with hydra.run.dir={run}" in first.stderr, output(first)
     assert "Traceback" not in first.stderr, output(first)
     second = start_and_stop(2)
     assert second.returncode == 75, output(second)
