@@ -13,9 +13,22 @@ validation part per rank (for plugins that tune on validation data, such as ``op
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
+
+
+@lru_cache(maxsize=1)
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of ``range(num_samples)`` every rank draws for ``epoch`` (read-only: shards are views).
+
+    Cached (the newest only) because it is the same for every rank: the simulator's K workers
+    (:mod:`localsgd.sim`) share one draw per epoch instead of making K; a rank's shard is a view of it
+    anyway, so the cache holds no extra memory.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=gen)
 
 
 class ShardSampler:
@@ -39,8 +52,7 @@ class ShardSampler:
         return self.num_samples // self.world_size
 
     def _make_shard(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.num_samples, generator=gen)
+        perm = epoch_permutation(self.num_samples, self.seed, epoch)
         return perm[self.rank :: self.world_size][: self.shard_size]
 
     def next_indices(self, batch_size: int) -> torch.Tensor:

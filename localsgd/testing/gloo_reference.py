@@ -1,0 +1,68 @@
+"""The real thing the simulator is checked against: :class:`~localsgd.engine.LocalSGD` on a real process group.
+
+Each rank builds its components from the config exactly as the trainer does (seeded init, the
+optimizer plugin and its own step, ramp, schedule, outer optimizer, the rank's
+:class:`~localsgd.sampler.ShardSampler`), in ``dtype``, and runs the trainer's loop body without its
+logging and checkpoints: batch, ``plugin.train_step``, ``LocalSGD.step``; then ``finalize``. Run it with
+:func:`localsgd.testing.ranks.run_ok` (``tests/test_sim.py``, ``benchmarks/sim.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import data as data_lib
+from .. import dist
+from .. import models as model_lib
+from .. import optim as optim_lib
+from .. import outer as outer_lib
+from .. import ramps as ramp_lib
+from .. import schedules as schedule_lib
+from ..config import TrainConfig
+from ..engine import LocalSGD
+from ..sampler import ShardSampler
+
+
+def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.dtype = torch.float64
+                   ) -> list[dict[str, Any]]:
+    """Train each config on this rank of a live process group; per config, the final flat parameters
+    and the steps after which an average happened (equal on every rank)."""
+    from ..trainer import seed_everything
+
+    out = []
+    for cfg in cfgs:
+        tc = cfg.trainer
+        seed_everything(tc.seed)
+        data = data_lib.build(cfg.data)
+        model = model_lib.build(cfg.model, data.input_shape, data.num_classes).to(dtype)
+        for tensor in model.parameters():
+            dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
+        plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
+        ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
+        schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(
+            tc.max_steps, world, tc.batch_size,
+            optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
+                                       getattr(cfg.optimizer, "decay_milestones", [])), world))
+
+        def next_lr(step: int, plugin: Any = plugin, ramp: Any = ramp, tc: Any = tc) -> float:
+            return plugin.lr(step) * ramp.lr_scale(step, ramp.batch_size(step), tc.batch_size, tc.lr_batch_coupling)
+
+        comm = LocalSGD(model, plugin.optimizers, schedule, outer=outer_lib.build(cfg.outer), next_lr=next_lr)
+        sampler = ShardSampler(data.num_train, rank, world, tc.seed)
+        x, y = data.x_train.to(dtype), data.y_train
+        ctx = optim_lib.StepContext(loss_fn=data.loss_fn)
+        synced_at = []
+        for step in range(tc.max_steps):
+            b = ramp.batch_size(step)
+            ctx.lr_scale = ramp.lr_scale(step, b, tc.batch_size, tc.lr_batch_coupling)
+            idx = sampler.next_indices(b)
+            loss = plugin.train_step(model, (x[idx], y[idx]), step, ctx).loss
+            if comm.step(loss=loss):
+                synced_at.append(step + 1)
+        comm.finalize()
+        # numpy, not a tensor: a tensor would cross to the parent through shared memory the rank frees on exit
+        out.append({"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy(),
+                    "synced_at": synced_at, "rounds": comm.stats.rounds})
+    return out
