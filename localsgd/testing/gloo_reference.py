@@ -28,7 +28,9 @@ from ..sampler import ShardSampler
 def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.dtype = torch.float64
                    ) -> list[dict[str, Any]]:
     """Train each config on this rank of a live process group; per config, the final flat parameters
-    and the steps after which an average happened (equal on every rank)."""
+    the steps after which an average happened (equal on every rank) and the loop's seconds."""
+    import time
+
     from ..trainer import seed_everything
 
     out = []
@@ -54,6 +56,7 @@ def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.
         x, y = data.x_train.to(dtype), data.y_train
         ctx = optim_lib.StepContext(loss_fn=data.loss_fn)
         synced_at = []
+        start = time.perf_counter()
         for step in range(tc.max_steps):
             b = ramp.batch_size(step)
             ctx.lr_scale = ramp.lr_scale(step, b, tc.batch_size, tc.lr_batch_coupling)
@@ -62,7 +65,8 @@ def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.
             if comm.step(loss=loss):
                 synced_at.append(step + 1)
         comm.finalize()
+        seconds = time.perf_counter() - start
         # numpy, not a tensor: a tensor would cross to the parent through shared memory the rank frees on exit
         out.append({"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy(),
-                    "synced_at": synced_at, "rounds": comm.stats.rounds})
+                    "synced_at": synced_at, "rounds": comm.stats.rounds, "seconds": seconds})
     return out
