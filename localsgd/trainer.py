@@ -238,19 +238,14 @@ def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.Opt
                        world: int, config_digest: str) -> tuple[Communicator, nn.Module]:
     """Local SGD on the configured schedule, or the DDP baseline (``schedule=ddp``); returns the
     communicator and the module the optimizer plugin trains through."""
-    tc = cfg.trainer
     build_own = getattr(cfg.schedule, "build_communicator", None)
     if build_own is not None:  # the DDP baseline averages gradients, not parameters
         comm = build_own(model)
         return comm, comm.step_model
-    schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(
-        tc.max_steps, world, tc.batch_size,
-        optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
-                                   getattr(cfg.optimizer, "decay_milestones", [])),
-        dist.local_world_size()))
+    schedule = build_schedule(cfg, world, dist.local_world_size())
 
     def next_lr(step: int) -> float:  # the rate local step ``step`` will run at (adaptive schedules decide on it)
-        return plugin.lr(step) * ramp.lr_scale(step, ramp.batch_size(step), tc.batch_size, tc.lr_batch_coupling)
+        return step_lr(cfg, plugin, ramp, step)
 
     s = cfg.sync
     sync = LocalSGD(model, plugin.optimizers, schedule, buffers=s.buffers, optimizer_state=s.optimizer_state,
@@ -262,6 +257,22 @@ def build_communicator(cfg: TrainConfig, model: nn.Module, plugin: optim_lib.Opt
                     delay=s.delay, mix=s.mix, merge=s.merge, compress=s.compress, error_feedback=s.error_feedback,
                     compress_block=s.compress_block)
     return sync, model
+
+
+def build_schedule(cfg: TrainConfig, world: int, local_world: int) -> Any:
+    """The configured sync schedule for ``world`` workers, ``local_world`` per node (also :mod:`localsgd.sim`'s)."""
+    tc = cfg.trainer
+    return schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(
+        tc.max_steps, world, tc.batch_size,
+        optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
+                                   getattr(cfg.optimizer, "decay_milestones", [])),
+        local_world))
+
+
+def step_lr(cfg: TrainConfig, plugin: optim_lib.OptimizerPlugin, ramp: Any, step: int) -> float:
+    """The learning rate local step ``step`` (0-based) runs at: the optimizer's schedule times the ramp's."""
+    tc = cfg.trainer
+    return plugin.lr(step) * ramp.lr_scale(step, ramp.batch_size(step), tc.batch_size, tc.lr_batch_coupling)
 
 
 def build_hooks(cfg: TrainConfig, ramp: Any, comm: Communicator, world: int, finished: Any) -> list[StepHook]:

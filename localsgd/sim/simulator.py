@@ -26,11 +26,9 @@ comes from ``vmap(randomness="different")``).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,17 +39,11 @@ from .. import models as model_lib
 from .. import optim as optim_lib
 from .. import outer as outer_lib
 from .. import ramps as ramp_lib
-from .. import schedules as schedule_lib
 from ..config import TrainConfig, check_batch_fits_shard
-from ..engine.streaming import BLOCKING_DEFAULTS
+from ..engine.streaming import BLOCKING_DEFAULTS, streaming_options
 from ..errors import ConfigError
 from ..sampler import ShardSampler
-
-
-def seed_everything(seed: int) -> None:
-    from ..trainer import seed_everything as seed_all  # the trainer's seeding, so the replicas start alike
-
-    seed_all(seed)
+from ..trainer import build_schedule, seed_everything, step_lr
 
 
 @dataclass
@@ -76,7 +68,6 @@ class SimResult:
     seconds: float
     samples: int  # training samples drawn, summed over workers
     final_batch_size: int
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rounds(self) -> int:
@@ -107,9 +98,8 @@ def unsupported(cfg: TrainConfig) -> list[str]:
     if tc.precision != "fp32" or tc.grad_accum_steps != 1 or tc.grad_clip > 0 or tc.compile:
         out.append("trainer.precision/grad_accum_steps/grad_clip/compile: the simulator runs the plain fp32 step")
     s = cfg.sync
-    for key, default in BLOCKING_DEFAULTS.items():
-        if getattr(s, key) != default and not (key == "error_feedback" and getattr(s, key) is None):
-            out.append(f"sync.{key}={getattr(s, key)!r}: the simulator runs the blocking average")
+    for key in streaming_options(**{k: getattr(s, k) for k in BLOCKING_DEFAULTS}):
+        out.append(f"sync.{key}={getattr(s, key)!r}: the simulator runs the blocking average")
     if s.optimizer_state != "keep":
         out.append(f"sync.optimizer_state={s.optimizer_state!r}: the simulator keeps each worker's optimizer state")
     if getattr(cfg.ramp, "name", "") == "noise_scale":
@@ -157,11 +147,8 @@ class Simulator:
         self.optimizer = self.plugin.optimizers[0]
         self.ramp = ramp_lib.build(cfg.ramp, tc.batch_size, self.T, world_size=self.K)
         check_batch_fits_shard(cfg, self.ramp, data.num_train, self.K)
-        self.schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(
-            self.T, self.K, tc.batch_size,
-            optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), self.T,
-                                       getattr(cfg.optimizer, "decay_milestones", [])),
-            self.K))  # one node: a hierarchical schedule's groups default to all workers, as torchrun's would
+        # one node: a hierarchical schedule's groups default to all workers, as torchrun's would
+        self.schedule = build_schedule(cfg, self.K, self.K)
         self.group_size = getattr(self.schedule, "group_size", None)
         if self.group_size is not None and (self.group_size < 1 or self.K % self.group_size):
             raise ConfigError(f"invalid simulation: hierarchical group_size {self.group_size} does not divide "
@@ -184,15 +171,10 @@ class Simulator:
     def _loss_of(self, params: tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(functional_call(self.model, dict(zip(self.names, params)), (x,)), y)
 
-    def lr(self, step: int, batch_size: int) -> float:
-        """The LR of local step ``step`` (0-based): the optimizer's schedule times the ramp's multiplier."""
-        tc = self.cfg.trainer
-        return self.plugin.lr(step) * self.ramp.lr_scale(step, batch_size, tc.batch_size, tc.lr_batch_coupling)
-
     def local_step_all(self, step: int) -> torch.Tensor:
         """One optimizer step on every worker, each on its own next batch; returns the K losses."""
         b = self.ramp.batch_size(step)
-        lr = self.lr(step, b)
+        lr = step_lr(self.cfg, self.plugin, self.ramp, step)
         if lr != self._last_lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -242,7 +224,7 @@ class Simulator:
         self.syncs.append(record)
         if advance_schedule:
             # the LR the next round's first step (0-based ``step``) runs at, as the trainer's next_lr gives it
-            self.schedule.observe(step=step, loss=round_loss, lr=self.lr(step, self.ramp.batch_size(step)))
+            self.schedule.observe(step=step, loss=round_loss, lr=step_lr(self.cfg, self.plugin, self.ramp, step))
             self.schedule.advance(step)
         if self.on_sync is not None:
             self.on_sync(self, record)
@@ -291,4 +273,4 @@ class Simulator:
 
     def evaluate(self, params: dict[str, torch.Tensor]) -> dict[str, float]:
         loss, acc = self.objective(params, split="test")
-        return {"eval_loss": loss, "eval_accuracy": acc} if math.isfinite(loss) else {"eval_loss": loss}
+        return {"eval_loss": loss, "eval_accuracy": acc}

@@ -19,7 +19,6 @@ from .. import models as model_lib
 from .. import optim as optim_lib
 from .. import outer as outer_lib
 from .. import ramps as ramp_lib
-from .. import schedules as schedule_lib
 from ..config import TrainConfig
 from ..engine import LocalSGD
 from ..sampler import ShardSampler
@@ -31,7 +30,7 @@ def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.
     the steps after which an average happened (equal on every rank) and the loop's seconds."""
     import time
 
-    from ..trainer import seed_everything
+    from ..trainer import build_schedule, seed_everything, step_lr
 
     out = []
     for cfg in cfgs:
@@ -43,13 +42,10 @@ def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.
             dist.broadcast_(tensor.data, src=0, what="initial weights broadcast")
         plugin = optim_lib.build(cfg.optimizer, model, tc.max_steps)
         ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
-        schedule = schedule_lib.build(cfg.schedule, schedule_lib.RunInfo(
-            tc.max_steps, world, tc.batch_size,
-            optim_lib.first_decay_step(getattr(cfg.optimizer, "lr_decay", "none"), tc.max_steps,
-                                       getattr(cfg.optimizer, "decay_milestones", [])), world))
+        schedule = build_schedule(cfg, world, world)
 
-        def next_lr(step: int, plugin: Any = plugin, ramp: Any = ramp, tc: Any = tc) -> float:
-            return plugin.lr(step) * ramp.lr_scale(step, ramp.batch_size(step), tc.batch_size, tc.lr_batch_coupling)
+        def next_lr(step: int, cfg: TrainConfig = cfg, plugin: Any = plugin, ramp: Any = ramp) -> float:
+            return step_lr(cfg, plugin, ramp, step)
 
         comm = LocalSGD(model, plugin.optimizers, schedule, outer=outer_lib.build(cfg.outer), next_lr=next_lr)
         sampler = ShardSampler(data.num_train, rank, world, tc.seed)
