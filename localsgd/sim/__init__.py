@@ -1,7 +1,7 @@
 """``localsgd.sim``: many local-SGD workers simulated in one process (:mod:`.simulator`).
 
     from localsgd.sim import Simulator, sim_config
-    cfg = sim_config("data=synthetic_logreg", "model=logreg", "schedule.H=16", workers=256)
+    cfg = sim_config("data=synthetic_logreg", "model=logreg", "schedule.H=16", "trainer.max_steps=400", workers=256)
     result = Simulator(cfg, workers=256).run()
 
 The config is the trainer's (the same YAML and overrides, checked as a launch of ``workers`` ranks
