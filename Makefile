@@ -9,7 +9,7 @@ TORCH_CPU ?= torch==2.13.0
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup run test test-slurm lint bench-quick clean
+.PHONY: setup run test test-long test-all test-slurm lint bench-quick clean
 
 setup: $(STAMP)
 
@@ -24,9 +24,17 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/localsgd-run --nproc-per-node=$(NPROC) $(ARGS)
 
-# The local-Slurm tests (install, configure and start slurmctld/slurmd: about 2 minutes) run as their own
-# step: `make test-slurm`.
+# `make test` is the suite without two groups that run as CI steps of their own: the end-to-end runs of
+# 12 s or more each (torchrun jobs killed and resumed, wheels installed, benchmarks' real runs: `make
+# test-long`, about 10 minutes) and the local-Slurm tests (install, configure and start slurmctld/slurmd:
+# about 2 minutes, `make test-slurm`). `make test-all` runs the first two.
 test: setup
+	$(PY) -m pytest -m "not slurm and not long" $(ARGS)
+
+test-long: setup
+	$(PY) -m pytest -m "long and not slurm" $(ARGS)
+
+test-all: setup
 	$(PY) -m pytest -m "not slurm" $(ARGS)
 
 test-slurm: setup

@@ -100,6 +100,47 @@ class ShardSampler:
         self._shard = self._make_shard(self.epoch)
 
 
+class ShardGroup:
+    """All ``world_size`` ranks' :class:`ShardSampler` streams at once, as one ``(world_size, batch)`` index tensor.
+
+    Rank k's shard is ``perm[k::W][:S]`` (S = N // W), so the W shards are the columns of
+    ``perm[:W·S].view(S, W)``: one slice of that view is every rank's next batch. All ranks draw the same
+    batch size at every step, so their cursors move together and one cursor serves them all. Row k of
+    :meth:`next_indices` equals rank k's ``ShardSampler.next_indices`` (tested, epoch crossings included);
+    :mod:`localsgd.sim` draws its K workers' batches this way instead of making K calls a step.
+    """
+
+    def __init__(self, num_samples: int, world_size: int, seed: int) -> None:
+        if num_samples < world_size:
+            raise ValueError(f"dataset of {num_samples} samples cannot be sharded over {world_size} ranks")
+        self.num_samples, self.world_size, self.seed = num_samples, world_size, seed
+        self.shard_size = num_samples // world_size
+        self.epoch = 0
+        self.cursor = 0
+        self.samples_seen = 0  # per rank
+        self._shards = self._make_shards(0)
+
+    def _make_shards(self, epoch: int) -> torch.Tensor:
+        perm = epoch_permutation(self.num_samples, self.seed, epoch)
+        return perm[: self.world_size * self.shard_size].view(self.shard_size, self.world_size).T
+
+    def next_indices(self, batch_size: int) -> torch.Tensor:
+        """Every rank's next ``batch_size`` indices, shape ``(world_size, batch_size)`` (across epochs when needed)."""
+        parts = []
+        need = batch_size
+        while need > 0:
+            if self.cursor == self.shard_size:
+                self.epoch += 1
+                self.cursor = 0
+                self._shards = self._make_shards(self.epoch)
+            take = min(need, self.shard_size - self.cursor)
+            parts.append(self._shards[:, self.cursor : self.cursor + take])
+            self.cursor += take
+            need -= take
+        self.samples_seen += batch_size
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class ValidationShard:
     """This worker's validation batches for ``optim.StepContext.next_val_batch``, held out from training.
 

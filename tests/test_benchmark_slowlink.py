@@ -40,6 +40,7 @@ def _real_ddp(rank: int, world: int, seeds: list[int], steps: int) -> list[list[
     return out
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_the_in_process_ddp_trajectory_is_ddp() -> None:
     seeds, steps = [0, 3], slowlink.H  # one snapshot per seed

@@ -128,6 +128,7 @@ def _h1_equals_large_batch(rank: int, world: int) -> float:
     return worst
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("world", [2, 4])
 def test_h1_plain_sgd_equals_single_process_on_concatenated_batch(world: int) -> None:
     assert max(run_ok(_h1_equals_large_batch, world, timeout_s=120)) < 1e-6
@@ -431,6 +432,7 @@ def _optimizer_state_policy(rank: int, world: int, policy: str) -> list[float]:
     return [float((a - b).abs().max()) for a, b in zip(out[0], out[1])]  # per parameter, rank 0 vs rank 1
 
 
+@pytest.mark.long
 def test_optimizer_state_average_makes_momentum_identical_and_keep_does_not() -> None:
     averaged, kept = run_ok(_optimizer_state_policy, 2, "average")[0], run_ok(_optimizer_state_policy, 2, "keep")[0]
     assert len(averaged) == len(kept) == 6  # one momentum buffer per parameter of _bn_model

@@ -128,6 +128,7 @@ def test_every_launcher_is_covered() -> None:
 
 
 # ---------------------------------------------------------------------------------------- local.sh
+@pytest.mark.long
 def test_local_sh_runs_a_two_worker_job(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = env_for(tmp_path, NPROC="2", RUN_DIR=str(run_dir), PYTHON=sys.executable)
@@ -310,6 +311,7 @@ def test_sweep_example_overrides_compose_and_export_the_rendezvous(tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------------------- Hydra multirun
+@pytest.mark.long
 def test_hydra_multirun_with_submitit_local_gives_each_point_its_own_dir(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "localsgd.train", "-m", "hydra/launcher=submitit_local",

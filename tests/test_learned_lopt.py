@@ -221,6 +221,7 @@ def test_optimizer_learned_builds_from_its_config_and_steps_at_the_global_step()
 HELDOUT_STEPS = 100
 
 
+@pytest.mark.long
 @pytest.mark.timeout(120)
 def test_bundled_optimizer_beats_untuned_sgd_and_its_own_start_on_heldout_tasks(
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -370,6 +371,7 @@ LEARNED_RUN = ["data=digits", "model=mlp", "model.hidden=[32]", "trainer=smoke",
                "checkpoint.keep_latest_k=3", "trainer.max_steps=16", "trainer.log_every=1"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_rank_learned_run_trains_averages_state_and_resumes_exactly(tmp_path: Path) -> None:

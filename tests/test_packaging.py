@@ -167,6 +167,7 @@ def test_installed_wheel_imports_its_own_copy_and_finds_packaged_configs(install
     assert shipped == {p.relative_to(ROOT / "configs").as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_installed_wheel_trains_the_smoke_job_from_any_directory(installed_wheel: Path, tmp_path: Path) -> None:
     entry_point = executable(installed_wheel, "localsgd-train")

@@ -212,6 +212,7 @@ def test_importing_does_not_import_matplotlib(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "False", output(proc)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_plots_of_a_real_two_rank_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

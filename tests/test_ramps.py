@@ -19,6 +19,7 @@ from localsgd.ramps import (
     NoiseScaleRamp,
     NoiseScaleRampConfig,
     NoneRampConfig,
+    PhasesRampConfig,
     SmithRamp,
     SmithRampConfig,
     StepRampConfig,
@@ -39,6 +40,18 @@ DETERMINISTIC = [
 ]
 
 
+def test_phases_give_each_phase_its_batch_and_lr_and_are_never_coupled_again() -> None:
+    """Phase i runs from int(starts[i]·T) at round(b0·B_i) and LR × L_i; L = B is linear scaling, by hand."""
+    cfg = PhasesRampConfig(starts=[0.0, 0.25, 0.6], batch_factors=[1.0, 2.5, 8.0], lr_factors=[1.0, 2.5, 3.0])
+    ramp = build(cfg, 6, T)
+    assert [ramp.batch_size(t) for t in (0, 249, 250, 599, 600, T - 1)] == [6, 6, 15, 15, 48, 48]
+    assert [ramp.lr_factor(t) for t in (0, 249, 250, 600)] == [1.0, 1.0, 2.5, 3.0]
+    # the trainer's linear coupling does not multiply the phase's factor by b/b0 a second time
+    assert ramp.lr_scale(600, 48, 6, coupling=True) == ramp.lr_scale(600, 48, 6, coupling=False) == 3.0
+    shrinking = build(PhasesRampConfig(starts=[0.0, 0.5], batch_factors=[4.0, 1.0], lr_factors=[1.0, 1.0]), 8, T)
+    assert [shrinking.batch_size(t) for t in (0, 500)] == [32, 8]  # a later phase may use a smaller batch
+
+
 def _ids(cfgs: list) -> list[str]:
     return [c.name for c in cfgs]
 
@@ -47,7 +60,7 @@ def _ids(cfgs: list) -> list[str]:
 
 
 def test_every_ramp_is_registered_and_default_configs_are_valid() -> None:
-    assert RAMPS.names() == ["geometric", "linear", "noise_scale", "none", "smith", "step"]
+    assert RAMPS.names() == ["geometric", "linear", "noise_scale", "none", "phases", "smith", "step"]
     for entry in RAMPS.entries():
         cfg = entry.config_cls()
         assert list(cfg.problems()) == [], entry.name
@@ -325,6 +338,11 @@ def test_estimator_batch_override_and_state_round_trip() -> None:
     "cfg, fields",
     [
         (StepRampConfig(milestones=[0.0, 0.5]), ["milestones"]),
+        (PhasesRampConfig(starts=[0.2, 0.5]), ["starts"]),
+        (PhasesRampConfig(starts=[0.0, 0.5, 0.5], batch_factors=[1, 2, 3], lr_factors=[1, 1, 1]), ["starts"]),
+        (PhasesRampConfig(starts=[0.0, 1.0]), ["starts"]),
+        (PhasesRampConfig(batch_factors=[1.0]), ["batch_factors"]),
+        (PhasesRampConfig(lr_factors=[1.0, 0.0]), ["lr_factors"]),
         (StepRampConfig(milestones=[1.5]), ["milestones"]),
         (StepRampConfig(factor=0.5), ["factor"]),
         (StepRampConfig(b_max=0), ["b_max"]),
@@ -405,7 +423,7 @@ def test_build_accepts_omegaconf_nodes() -> None:
 
 def test_capabilities_replace_ramp_names() -> None:
     ramps = {entry.name: build(entry.config_cls(), 32, T, world_size=4) for entry in RAMPS.entries()}
-    assert [n for n, r in ramps.items() if not r.couples_lr] == ["smith"]
+    assert [n for n, r in ramps.items() if not r.couples_lr] == ["phases", "smith"]
     assert [n for n, r in ramps.items() if r.constant] == ["none"]
     assert [n for n, r in ramps.items() if r.observes_noise_scale] == ["noise_scale"]
 

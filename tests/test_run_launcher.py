@@ -96,6 +96,7 @@ def test_worker_exit_codes() -> None:
     assert launcher.failure_line(1, -9) == "localsgd-run: rank 1 was killed by SIGKILL (exit 137)"
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_tiny_run_writes_summary(tmp_path: Path) -> None:
     """Standalone rendezvous: torch's agent binds port 0, so parallel launches cannot collide."""
@@ -108,6 +109,7 @@ def test_tiny_run_writes_summary(tmp_path: Path) -> None:
     assert not any(noise in proc.stdout + proc.stderr for noise in ELASTIC_NOISE), output(proc)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_worker_failure_is_one_launcher_line(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

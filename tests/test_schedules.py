@@ -90,6 +90,20 @@ def test_patel_dieuleveut_large_step_size_is_a_polynomial_decay() -> None:
     assert bad == ["decay_power"] and not list(SGDConfig(lr_decay="poly").problems())
 
 
+def test_inverse_time_decay_is_stichs_c_over_a_plus_t_in_every_optimizer() -> None:
+    """γ_t = lr/(1 + t/t0) = (lr·t0)/(t0 + t) (Stich, Theorem 2.2's c/(a + t)), t counted from the warm-up's end;
+    every optimizer family reads the same fields (STN once ignored ``decay_power``)."""
+    from localsgd.optim.stn import StnConfig
+    from localsgd.optim.torch_optim import SGDConfig
+
+    c = SGDConfig(lr=0.8, lr_decay="inverse_time", decay_t0=50.0, warmup_steps=4)
+    assert [c.lr_at_step(k, 1000) for k in (0, 3, 4, 54, 154)] == [0.2, 0.8, 0.8, 0.8 / 2.0, 0.8 / 4.0]
+    assert [key for key, _, _ in SGDConfig(lr_decay="inverse_time", decay_t0=0.0).problems()] == ["decay_t0"]
+    assert not list(SGDConfig(lr_decay="none", decay_t0=0.0).problems())  # only checked when used
+    stn = StnConfig(lr=0.5, lr_decay="poly", decay_power=0.6)
+    assert stn.lr_at_step(15, 100) == 0.5 * 16**-0.6
+
+
 def test_patel_dieuleveut_linear_round_count() -> None:
     assert PatelDieuleveut(1.0, 1.0, 5050).rounds() == 100  # smallest C with C(C+1)/2 >= 5050
     assert PatelDieuleveut(1.0, 1.0).rounds(5051) == 101
@@ -484,6 +498,7 @@ def _hierarchical(rank: int, world: int, outer_lr: float | None = None, outer_mo
             "rounds": sync.stats.rounds, "bytes": sync.stats.bytes}
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize(("outer_lr", "outer_momentum"), [(None, 0.0), (0.7, 0.9)])
 def test_hierarchical_averages_within_nodes_and_globally_on_four_ranks(outer_lr: float | None,

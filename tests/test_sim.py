@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from localsgd.errors import ConfigError
-from localsgd.sampler import ShardSampler
+from localsgd.sampler import ShardGroup, ShardSampler
 from localsgd.sim import Simulator, sim_config
 from localsgd.testing.gloo_reference import gloo_reference
 
@@ -34,6 +34,7 @@ def _cases(workers: int) -> list[list[str]]:
     return [[*LOGREG, *c] for c in [*seeded, *extra]]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [2, 4])
 def test_simulated_workers_equal_real_gloo_ranks_in_float64(workers: int) -> None:
@@ -136,3 +137,34 @@ def test_shared_epoch_permutation_gives_each_rank_the_shard_it_had() -> None:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for r, s in enumerate(samplers):
             assert torch.equal(s.next_indices(n // world), perm[r::world][: n // world])
+
+
+@pytest.mark.parametrize("n, world", [(103, 4), (64, 8), (10, 3)])
+def test_shard_group_rows_are_the_ranks_samplers_across_epochs_and_batch_changes(n: int, world: int) -> None:
+    seed = 3
+    samplers = [ShardSampler(n, r, world, seed) for r in range(world)]
+    group = ShardGroup(n, world, seed)
+    for b in [1, 5, 2, 7, n // world, 3, 2 * (n // world) + 1, 4]:  # crossing epochs, and a batch above a shard
+        rows = group.next_indices(b)
+        assert rows.shape == (world, b)
+        for r, s in enumerate(samplers):
+            assert torch.equal(rows[r], s.next_indices(b)), (b, r)
+    assert (group.epoch, group.cursor, group.samples_seen) == (samplers[0].epoch, samplers[0].cursor,
+                                                               samplers[0].samples_seen)
+
+
+def test_a_run_stopped_by_its_sync_callback_ends_there_with_equal_replicas() -> None:
+    cfg = sim_config(*LOGREG, "schedule.H=4", "trainer.max_steps=40", workers=3)
+    seen: list[int] = []
+
+    def stop_at_12(sim: Simulator, record) -> bool:
+        seen.append(record.step)
+        spread = max(float((p.detach() - p.detach()[:1]).abs().max()) for p in sim.replicas)
+        assert spread == 0.0  # every replica is the average when the callback sees it
+        return record.step >= 12
+
+    result = Simulator(cfg, 3, dtype=torch.float64, on_sync=stop_at_12).run()
+    assert seen == [4, 8, 12] and result.steps == 12 and result.rounds == 3
+    full = Simulator(cfg, 3, dtype=torch.float64, on_sync=lambda sim, r: None).run()
+    assert full.steps == 40 and full.rounds == 10
+    assert result.samples == 3 * 12 * 4

@@ -152,6 +152,7 @@ def two_ranks() -> list[dict[str, Any]]:
     return run_ok(_all_worker, 2, timeout_s=280)
 
 
+@pytest.mark.long
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("averaging", ["plain", "jacobian"])
 def test_every_sync_averages_h_in_unconstrained_space_and_keeps_it_identical(
@@ -180,6 +181,7 @@ STN_RUN = [*TINY, "optimizer=stn", "optimizer.hyper_warmup_steps=4", "optimizer.
            "trainer.max_steps=16", "trainer.log_every=1"]
 
 
+@pytest.mark.long
 @pytest.mark.timeout(300)
 def test_torchrun_optimizer_stn_logs_hyperparameters_and_resumes_after_a_kill(tmp_path: Path) -> None:
     # Rank 1 dies after step 9; torchrun restarts both, which resume from the step-8 checkpoint

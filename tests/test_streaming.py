@@ -309,6 +309,7 @@ def _all_cases(rank: int, world: int) -> list[float]:
     return [_quadratic_vs_reference(rank, world, case) for case in CASES]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_delayed_fragments_follow_the_reference_on_a_quadratic(world: int) -> None:
@@ -376,6 +377,7 @@ def _bytes_and_identity(rank: int, world: int, compress: str) -> dict:
             "final": agree(0, bounds[-1][1]), "sizes": [f.numel for f in sync.streaming.fragments]}
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_stats_bytes_equal_the_wire_format_exactly_and_replicas_agree_after_each_fragment() -> None:
     for compress in ("none", "bf16", "int8", "int4"):

@@ -18,6 +18,7 @@ SUMMARY_KEYS = {"final_eval_loss", "final_eval_accuracy", "steps", "samples", "c
                 "comm_seconds", "wall_seconds", "world_size", "backend", "schedule"}
 
 
+@pytest.mark.long
 def test_two_rank_run_writes_one_run_dir_with_metrics_and_summary(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = torchrun(tmp_path, run_dir, [*TINY, "schedule.H=4"])
@@ -91,6 +92,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.T
 
 @pytest.mark.parametrize("fault", ["kill:rank=1,step=7", "kill:rank=0,step=8", "kill_during_save:rank=0,step=10",
                                    "kill_during_purge:rank=0,step=10"])
+@pytest.mark.long
 def test_killed_rank_resumes_and_matches_uninterrupted_run_bit_for_bit(
         tmp_path: Path, fault: str, uninterrupted: dict[str, torch.Tensor]) -> None:
     hit = torchrun(tmp_path, tmp_path / "hit", KILL_RUN, max_restarts=1, LOCALSGD_FAULT=fault)
@@ -107,6 +109,7 @@ def test_killed_rank_resumes_and_matches_uninterrupted_run_bit_for_bit(
     assert kept == [12, 14, 16]  # keep_latest_k = 3 committed checkpoints, the newest never deleted
 
 
+@pytest.mark.long
 def test_corrupt_checkpoint_is_named_and_fallback_resumes_from_previous(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*TINY, "schedule.H=5", "checkpoint.every_rounds=2", "checkpoint.keep_latest_k=3"]
@@ -129,6 +132,7 @@ def test_corrupt_checkpoint_is_named_and_fallback_resumes_from_previous(tmp_path
     assert starts[-1]["step"] == 30 and starts[-1]["resumed"]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("damage", ["truncate_manifest", "delete_rank_file"])
 def test_damaged_checkpoint_without_fallback_exits_before_training(tmp_path: Path, damage: str) -> None:
     run = tmp_path / "run"
@@ -149,6 +153,7 @@ def test_damaged_checkpoint_without_fallback_exits_before_training(tmp_path: Pat
     assert len(records(run, "train")) == n_train  # no training step was taken
 
 
+@pytest.mark.long
 def test_nan_on_one_rank_stops_every_rank_and_writes_no_checkpoint_after(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = torchrun(tmp_path, run, [*TINY, "schedule.H=4", "checkpoint.every_rounds=1"],
@@ -200,6 +205,7 @@ def test_wandb_offline_writes_one_run_under_rank0_dir_and_disabled_writes_none(t
 @pytest.mark.parametrize(("schedule", "period", "signame"), [
     (["schedule.H=4"], 4, "SIGTERM"), (["schedule=ddp", "schedule.stop_check_every=3"], 3, "SIGTERM"),
     (["schedule.H=4"], 4, "SIGINT")])
+@pytest.mark.long
 def test_sigterm_commits_a_checkpoint_at_the_next_sync_and_exits_75_then_resumes(
         tmp_path: Path, schedule: list[str], period: int, signame: str) -> None:
     """SIGTERM (a scheduler's preemption) and a first Ctrl-C alike: stop at the next sync with a
@@ -284,6 +290,7 @@ def test_hung_rank_turns_into_a_timeout_error_not_a_hang(tmp_path: Path) -> None
     assert took < 100, took  # the timeout (4 s), not the sleep, ended rank 0
 
 
+@pytest.mark.long
 def test_resume_with_another_world_size_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert torchrun(tmp_path, run, [*TINY, "schedule.H=5", "checkpoint.every_rounds=4"]).returncode == 0
@@ -311,6 +318,7 @@ def test_trainer_runs_issue_schedules_end_to_end(tmp_path: Path, schedule: list[
         assert s["comm_rounds"] == 10 + 30 // 4 + 1  # H=1 until step 10, then every 4, then the final partial
 
 
+@pytest.mark.long
 def test_identity_outer_optimizers_equal_plain_averaging_end_to_end(tmp_path: Path) -> None:
     finals = {}
     for outer in (["outer=average"], ["outer=nesterov", "outer.lr=1.0", "outer.momentum=0.0"],
@@ -325,6 +333,7 @@ def test_identity_outer_optimizers_equal_plain_averaging_end_to_end(tmp_path: Pa
             torch.testing.assert_close(model[k], ref[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
 
 
+@pytest.mark.long
 def test_batch_ramp_resume_after_a_kill_is_exact(tmp_path: Path) -> None:
     args = [*KILL_RUN, "ramp=step", "ramp.milestones=[0.25,0.5]", "ramp.b_max=64"]
     ref = torchrun(tmp_path, tmp_path / "ref", args)
@@ -355,6 +364,7 @@ def test_noise_scale_ramp_measures_and_logs(tmp_path: Path) -> None:
     assert summary["noise_scale_bytes"] == 20 * 8 * (n_params + 1)
 
 
+@pytest.mark.long
 def test_a_finished_run_is_not_trained_again_a_fresh_start_sets_old_outputs_aside_and_a_busy_dir_is_refused(
         tmp_path: Path) -> None:
     import os
@@ -387,6 +397,7 @@ def test_a_finished_run_is_not_trained_again_a_fresh_start_sets_old_outputs_asid
     assert not (run / "metrics.jsonl.2").exists()  # the refused job moved nothing
 
 
+@pytest.mark.long
 def test_a_run_extends_when_nothing_depends_on_max_steps_and_is_refused_by_name_otherwise(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert single(tmp_path, run, [*TINY, "trainer.max_steps=24"]).returncode == 0

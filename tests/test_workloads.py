@@ -302,6 +302,7 @@ GPT_RUN = ["data=tokens", "model=gpt", "model.n_layer=1", "model.n_head=2", "mod
            "trainer.grad_clip=1.0", "model.dropout=0.1"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_gpt_on_token_files_with_bf16_accumulation_and_clipping_resumes_bit_for_bit(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
@@ -358,6 +359,7 @@ def _compiled_trajectory(rank: int, world: int, compiled: bool) -> list[list[flo
     return seen
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_compiled_step_model_trains_on_the_engines_flat_buffer_like_the_plain_one() -> None:
     from .distributed import run_ok
@@ -422,6 +424,7 @@ LOADER_RUN = ["data=digits", "model=mlp", "model.hidden=[32]", "model.dropout=0.
               "checkpoint.keep_latest_k=3", "ramp=step", "ramp.milestones=[0.5]", "ramp.b_max=32"]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_dataloader_runs_equal_the_in_memory_run_and_resume_after_a_kill_with_two_workers(tmp_path: Path) -> None:
     ref = torchrun(tmp_path, tmp_path / "ref", LOADER_RUN)

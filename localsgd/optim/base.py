@@ -12,7 +12,7 @@ Each plugin's config dataclass builds it (``cfg.build(model, total_steps)``) and
 :data:`OPTIMIZERS`, in the plugin's own file, under the name used in ``configs/optimizer/``. The
 registry lives here, beside the interface, so that every plugin file can import it without a cycle.
 
-The learning-rate schedule (linear warm-up, then constant, cosine, step or polynomial decay) is a pure
+The learning-rate schedule (linear warm-up, then constant, cosine, step, polynomial or inverse-time decay) is a pure
 function of the local step, which is the same on every rank. The polynomial decay γ_k = ν·k^(−α),
 α ∈ (½, 1), is the large step size Patel & Dieuleveut pair with growing communication intervals
 (NeurIPS 2019, arXiv 1904.11325); k counts steps after warm-up.
@@ -103,11 +103,14 @@ def require_batch(batch: Batch | None, step: int) -> Batch:
 
 
 def lr_at(step: int, base_lr: float, *, warmup_steps: int, decay: str, total_steps: int,
-          milestones: Sequence[float], factor: float, power: float = 0.75) -> float:
-    """Learning rate before optimizer step ``step`` (0-based): warm-up, then constant/cosine/step/poly.
+          milestones: Sequence[float], factor: float, power: float = 0.75, t0: float = 100.0) -> float:
+    """Learning rate before optimizer step ``step`` (0-based): warm-up, then constant/cosine/step/poly/inverse_time.
 
     ``milestones`` are fractions of ``total_steps`` at which step decay multiplies by ``factor``;
-    ``poly`` gives base_lr·k^(−power) with k = 1, 2, … counted from the end of the warm-up.
+    ``poly`` gives base_lr·k^(−power) with k = 1, 2, … counted from the end of the warm-up;
+    ``inverse_time`` gives base_lr/(1 + k/t0) with k = 0, 1, … counted from the end of the warm-up (the
+    c/(a + t) step size of Stich's analysis, ICLR 2019, arXiv 1805.09767, Theorem 2.2, with a = t0 and
+    c = base_lr·t0).
     """
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -120,6 +123,8 @@ def lr_at(step: int, base_lr: float, *, warmup_steps: int, decay: str, total_ste
         return base_lr * factor**passed
     if decay == "poly":
         return base_lr * (step - warmup_steps + 1) ** -power
+    if decay == "inverse_time":
+        return base_lr / (1.0 + (step - warmup_steps) / t0)
     return base_lr
 
 

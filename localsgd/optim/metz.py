@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..learned.unsupervised import BaseNet, MetzRule, StandardizedLinear, load_rule
-from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
+from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOutput, require_batch
 from .torch_optim import LRScheduleFields, supervised_step
 
 
@@ -118,9 +118,7 @@ class MetzUnsupervisedPlugin(OptimizerPlugin):
         c = self.cfg
         if step < c.pretrain_steps:
             return c.rule_lr
-        return lr_at(step - c.pretrain_steps, c.lr, warmup_steps=c.warmup_steps, decay=c.lr_decay,
-                     total_steps=max(1, self.total_steps - c.pretrain_steps), milestones=c.decay_milestones,
-                     factor=c.decay_factor, power=c.decay_power)
+        return c.lr_at_step(step - c.pretrain_steps, max(1, self.total_steps - c.pretrain_steps))
 
     def base_net(self) -> BaseNet:
         return BaseNet([m.weight for m in self.hidden], [m.bias for m in self.hidden],

@@ -74,7 +74,7 @@ from ..errors import ConfigError
 from ..stn.augment import DATA_HYPERPARAMETERS, apply_data_path
 from ..stn.averaging import consensus_pre_average
 from ..stn.convert import HYPERPARAMETERS, StnModel, find, to_stn
-from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOutput, lr_at, require_batch
+from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOutput, require_batch
 from .torch_optim import LRScheduleFields
 
 VARIANTS = ("delta", "stn")
@@ -189,9 +189,7 @@ class StnPlugin(OptimizerPlugin):
 
     # ------------------------------------------------------------------ schedule
     def lr(self, step: int) -> float:
-        c = self.cfg
-        return lr_at(step, c.lr, warmup_steps=c.warmup_steps, decay=c.lr_decay, total_steps=self.total_steps,
-                     milestones=c.decay_milestones, factor=c.decay_factor)
+        return self.cfg.lr_at_step(step, self.total_steps)
 
     def is_hyper_step(self, step: int) -> bool:
         c = self.cfg

@@ -17,18 +17,26 @@ from torch import nn
 
 from .base import OPTIMIZERS, Batch, OptimizerPlugin, StepContext, StepOptions, StepOutput, lr_at, require_batch
 
-LR_DECAYS = ("none", "cosine", "step", "poly")
+LR_DECAYS = ("none", "cosine", "step", "poly", "inverse_time")
 
 
 @dataclass
 class LRScheduleFields:
     lr: float = 0.05
     warmup_steps: int = 0
-    lr_decay: str = "none"  # none | cosine | step | poly
+    lr_decay: str = "none"  # none | cosine | step | poly | inverse_time
     decay_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     decay_factor: float = 0.1
     # poly: lr·k^(−decay_power) (Patel & Dieuleveut's γ_k = ν k^(−α), α in (1/2, 1); 0.75 is ours)
     decay_power: float = 0.75
+    # inverse_time: lr/(1 + k/decay_t0) (Stich's c/(a + t), a = decay_t0)
+    decay_t0: float = 100.0
+
+    def lr_at_step(self, step: int, total_steps: int) -> float:
+        """This schedule's LR before optimizer step ``step`` (0-based) of a ``total_steps`` run."""
+        return lr_at(step, self.lr, warmup_steps=self.warmup_steps, decay=self.lr_decay, total_steps=total_steps,
+                     milestones=self.decay_milestones, factor=self.decay_factor, power=self.decay_power,
+                     t0=self.decay_t0)
 
     def _lr_problems(self) -> Iterator[tuple[str, Any, str]]:
         if not self.lr > 0:
@@ -43,6 +51,8 @@ class LRScheduleFields:
             yield "decay_factor", self.decay_factor, "must be in (0, 1]"
         if self.lr_decay == "poly" and not 0.5 < self.decay_power < 1:
             yield "decay_power", self.decay_power, "must be in (0.5, 1) (Patel & Dieuleveut's α)"
+        if self.lr_decay == "inverse_time" and not self.decay_t0 > 0:
+            yield "decay_t0", self.decay_t0, "must be > 0 (steps until the LR halves)"
 
 
 @OPTIMIZERS.add
@@ -107,9 +117,7 @@ class TorchOptimizerPlugin(OptimizerPlugin):
         self._last_lr = float("nan")  # the LR last written into the param groups
 
     def lr(self, step: int) -> float:
-        c = self.cfg
-        return lr_at(step, c.lr, warmup_steps=c.warmup_steps, decay=c.lr_decay, total_steps=self.total_steps,
-                     milestones=c.decay_milestones, factor=c.decay_factor, power=c.decay_power)
+        return self.cfg.lr_at_step(step, self.total_steps)
 
     def train_step(self, model: nn.Module, batch: Batch | None, step: int, ctx: StepContext) -> StepOutput:
         opt = self.optimizers[0]

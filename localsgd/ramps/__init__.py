@@ -1,7 +1,8 @@
 """Batch-size ramps, registered by the name used in ``configs/ramp/<name>.yaml``, and LR coupling.
 
 ``build(cfg, base_batch, total_steps, world_size=1)`` makes a :class:`BatchRamp` from its typed config:
-``none``, ``step``, ``linear``, ``geometric``, ``smith`` (Smith et al., ICLR 2018, arXiv 1711.00489) and
+``none``, ``step``, ``linear``, ``geometric``, ``phases`` (a batch and an LR per phase), ``smith`` (Smith et
+al., ICLR 2018, arXiv 1711.00489) and
 ``noise_scale`` (ours, on McCandlish et al., arXiv 1812.06162, which needs the real ``world_size``).
 Each config dataclass builds its ramp (``cfg.build(...)``) and registers itself in :data:`RAMPS`, so a
 new ramp touches only its own file, ``configs/ramp/<name>.yaml`` and its test.
@@ -27,6 +28,7 @@ from .noise_scale import (
     two_batch_estimates,
 )
 from .none import ConstantBatch, NoneRampConfig
+from .phases import PhasesRamp, PhasesRampConfig
 from .smith import SmithRamp, SmithRampConfig
 from .step import StepRamp, StepRampConfig
 
@@ -42,6 +44,8 @@ __all__ = [
     "NoiseScaleRamp",
     "NoiseScaleRampConfig",
     "NoneRampConfig",
+    "PhasesRamp",
+    "PhasesRampConfig",
     "SmithRamp",
     "SmithRampConfig",
     "StepRamp",

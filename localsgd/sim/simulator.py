@@ -42,7 +42,7 @@ from .. import ramps as ramp_lib
 from ..config import TrainConfig, check_batch_fits_shard
 from ..engine.streaming import BLOCKING_DEFAULTS, streaming_options
 from ..errors import ConfigError
-from ..sampler import ShardSampler
+from ..sampler import ShardGroup
 from ..trainer import build_schedule, seed_everything, step_lr
 
 
@@ -112,12 +112,14 @@ class Simulator:
 
     ``dtype`` is the replicas' and the data's floating type (float64 for exactness checks);
     ``on_sync(sim, record)``, if given, is called after every average (for example to evaluate the
-    averaged model's objective, :meth:`objective`).
+    averaged model's objective, :meth:`objective`); when it returns True the run stops there, with
+    every replica equal to the average (a benchmark's "iterations to ε"), and the result's ``steps``
+    are the local steps taken.
     """
 
     def __init__(self, cfg: TrainConfig, workers: int, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu",
-                 on_sync: Callable[[Simulator, SyncRecord], None] | None = None) -> None:
+                 on_sync: Callable[[Simulator, SyncRecord], bool | None] | None = None) -> None:
         if int(workers) != workers or workers < 1:
             raise ConfigError(f"invalid simulation: workers={workers!r}: must be an integer >= 1")
         problems = unsupported(cfg)
@@ -154,7 +156,7 @@ class Simulator:
             raise ConfigError(f"invalid simulation: hierarchical group_size {self.group_size} does not divide "
                               f"workers={self.K}")
         self.outer = outer_lib.build(cfg.outer)
-        self.samplers = [ShardSampler(data.num_train, k, self.K, tc.seed) for k in range(self.K)]
+        self.shards = ShardGroup(data.num_train, self.K, tc.seed)  # worker k's stream is rank k's ShardSampler
         self.x_train = data.x_train.to(self.device, dtype)
         self.y_train = data.y_train.to(self.device)
         self.loss_fn = data.loss_fn
@@ -179,7 +181,7 @@ class Simulator:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self._last_lr = lr
-        idx = torch.stack([s.next_indices(b) for s in self.samplers]).to(self.device)
+        idx = self.shards.next_indices(b).to(self.device)
         grads, losses = self._grad(tuple(p.detach() for p in self.replicas), self.x_train[idx], self.y_train[idx])
         for p, g in zip(self.replicas, grads):
             p.grad = g
@@ -205,7 +207,8 @@ class Simulator:
                 p.copy_(averaged[offset:offset + n].view(p.shape[1:]).expand_as(p))
                 offset += n
 
-    def _sync(self, advance_schedule: bool = True) -> None:
+    def _sync(self, advance_schedule: bool = True) -> bool:
+        """Average (and step the outer optimizer); True when ``on_sync`` asks the run to stop."""
         step = self.local_step
         is_global = self.group_size is None or not advance_schedule or self.schedule.is_global(step)
         size = self.K if is_global else self.group_size
@@ -226,8 +229,7 @@ class Simulator:
             # the LR the next round's first step (0-based ``step``) runs at, as the trainer's next_lr gives it
             self.schedule.observe(step=step, loss=round_loss, lr=step_lr(self.cfg, self.plugin, self.ramp, step))
             self.schedule.advance(step)
-        if self.on_sync is not None:
-            self.on_sync(self, record)
+        return self.on_sync is not None and bool(self.on_sync(self, record))
 
     # ------------------------------------------------------------------ the run
     def run(self) -> SimResult:
@@ -237,14 +239,14 @@ class Simulator:
             self.local_step = step + 1
             self._round_loss += losses.float().double()  # as the engine folds the losses: float32, summed in float64
             self._round_count += 1
-            if self.schedule.should_sync(self.local_step):
-                self._sync()
+            if self.schedule.should_sync(self.local_step) and self._sync():
+                break
         if not (self.local_step == self.last_global_sync_step and self.syncs):
             self._sync(advance_schedule=False)  # finalize(): every replica ends identical
         seconds = time.perf_counter() - start
         params = {n: p.detach()[0].clone() for n, p in zip(self.names, self.replicas)}
-        return SimResult(self.K, self.T, params, self.syncs, self.evaluate(params), seconds,
-                         sum(s.samples_seen for s in self.samplers), self.ramp.batch_size(self.T - 1))
+        return SimResult(self.K, self.local_step, params, self.syncs, self.evaluate(params), seconds,
+                         self.K * self.shards.samples_seen, self.ramp.batch_size(self.T - 1))
 
     # ------------------------------------------------------------------ evaluation
     def averaged_params(self) -> dict[str, torch.Tensor]:

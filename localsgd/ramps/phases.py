@@ -1,0 +1,78 @@
+"""Phases: a piecewise-constant batch *and* learning rate, one pair per phase of the run.
+
+The schedule format of "ImageNet in 18 minutes" (Bulatov, Howard et al., fast.ai / DIU, 2018), whose
+training is a short list of phases, each with its own batch size and learning rate, where a batch ramp
+with Goyal et al.'s linear scaling (arXiv 1706.02677, §2.1: multiply the LR by k when the batch grows
+k-fold) ties the LR to the batch. Phase i starts at local step int(starts[i]·T) and runs
+b = round(b₀·batch_factors[i]) samples per worker at lr·lr_factors[i]:
+
+    b_t = round(b₀ · B_i),   γ_t = γ(t) · L_i,   i = the last phase with int(starts[i]·T) ≤ t.
+
+``lr_factors`` is the whole LR story (``couples_lr`` is False, so the trainer's linear coupling never
+multiplies it again); ``lr_factors = batch_factors`` *is* linear scaling, and anything below it is a
+batch grown past what linear scaling would allow. The optimizer's own decay (``optimizer.lr_decay``)
+multiplies on top.
+
+Defaults (ours, not the recipe's): two phases, ×1 then ×4 at half the run, LR ×1 then ×2 (square-root
+scaling in the second phase).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .base import MAX_BATCH, RAMPS, BatchRamp, check_step, milestone_steps, round_batch
+
+
+class PhasesRamp(BatchRamp):
+    name = "phases"
+    couples_lr = False  # each phase names its own LR factor
+
+    def __init__(self, base_batch: int, total_steps: int, starts: list[float], batch_factors: list[float],
+                 lr_factors: list[float]) -> None:
+        super().__init__(base_batch, total_steps)
+        self.starts = milestone_steps(starts, total_steps)
+        self.batches = [round_batch(self.base_batch * f) for f in batch_factors]
+        self.lr_factors = [float(f) for f in lr_factors]
+
+    def phase(self, step: int) -> int:
+        step = check_step(step)
+        return max(i for i, s in enumerate(self.starts) if s <= step)
+
+    def batch_size(self, step: int) -> int:
+        return self.batches[self.phase(step)]
+
+    def lr_factor(self, step: int) -> float:
+        return self.lr_factors[self.phase(step)]
+
+    def describe(self) -> str:
+        parts = [f"step {s}: b={b}, lr x{f:g}" for s, b, f in zip(self.starts, self.batches, self.lr_factors)]
+        return "phases(" + "; ".join(parts) + ")"
+
+
+@RAMPS.add
+@dataclass
+class PhasesRampConfig:
+    """``ramp=phases``: phase i from ``starts[i]`` (a fraction of the run): batch × ``batch_factors[i]``,
+    LR × ``lr_factors[i]``."""
+
+    name: str = "phases"
+    starts: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    batch_factors: list[float] = field(default_factory=lambda: [1.0, 4.0])
+    lr_factors: list[float] = field(default_factory=lambda: [1.0, 2.0])
+
+    def problems(self) -> Iterator[tuple[str, Any, str]]:
+        starts = list(self.starts)
+        if not starts or starts[0] != 0 or any(not 0 <= s < 1 for s in starts) or starts != sorted(set(starts)):
+            yield "starts", starts, "must begin at 0 and increase strictly, fractions of the run in [0, 1)"
+        for key in ("batch_factors", "lr_factors"):
+            values = list(getattr(self, key))
+            if len(values) != len(starts):
+                yield key, values, f"must give one value per phase ({len(starts)} starts)"
+            elif any(not 0 < v <= MAX_BATCH for v in values):
+                yield key, values, "must be > 0"
+
+    def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
+        return PhasesRamp(base_batch, total_steps, list(self.starts), list(self.batch_factors), list(self.lr_factors))
