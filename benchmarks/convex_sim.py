@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -113,13 +114,17 @@ def run_one(run: Run) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def run_all(runs: Sequence[Run], processes: int | None = None) -> list[dict]:
-    """:func:`run_one` for every run, in ``processes`` worker processes (default: the machine's cores)."""
+def run_all(runs: Sequence[Any], processes: int | None = None, fn: Callable[[Any], dict] = run_one,
+            cost: Callable[[Any], float] = lambda r: r.max_steps * (1 + r.workers / 64)) -> list[dict]:
+    """``fn`` (default :func:`run_one`) for every run, in ``processes`` worker processes (default: the cores).
+
+    ``fn`` must be importable (a module-level function): the workers are spawned. The runs start in
+    order of decreasing ``cost``, so no core idles at the end behind one long run.
+    """
     processes = processes or max(1, min(len(runs), os.cpu_count() or 1))
     if processes == 1:
-        return [run_one(r) for r in runs]
-    # the longest runs first (more workers and more steps cost more), so no core idles at the end
-    order = sorted(range(len(runs)), key=lambda i: -runs[i].max_steps * (1 + runs[i].workers / 64))
+        return [fn(r) for r in runs]
+    order = sorted(range(len(runs)), key=lambda i: -cost(runs[i]))
     with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-        done = dict(zip(order, pool.map(run_one, [runs[i] for i in order])))
+        done = dict(zip(order, pool.map(fn, [runs[i] for i in order])))
     return [done[i] for i in range(len(runs))]

@@ -86,3 +86,20 @@ def test_sim_benchmark_is_exact_against_gloo_and_prints_its_keys(capsys: pytest.
     assert set(out["worker_steps_per_s"]["logreg"]) == {"2", "16", "64", "256", "1024"}
     assert all(v > 0 for v in out["real_worker_steps_per_s"].values())
     assert set(out["speedup_vs_real"]) == {"logreg", "cnn1d"}
+
+
+def test_phase_plan_spends_a_third_of_the_samples_in_each_phase_through_the_real_ramp() -> None:
+    from benchmarks.phases import B0, K, jobs, phase_plan
+    from localsgd.ramps import PhasesRampConfig, build
+
+    samples = 8 * 16_000
+    starts, factors, steps = phase_plan(16.0, samples)
+    assert factors == [1.0, 4.0, 16.0]
+    ramp = build(PhasesRampConfig(starts=starts, batch_factors=factors, lr_factors=factors), B0, steps)
+    per_phase = [0, 0, 0]
+    for t in range(steps):
+        per_phase[ramp.phase(t)] += K * ramp.batch_size(t)
+    assert sum(per_phase) == pytest.approx(samples, rel=0.01)
+    assert all(abs(s - samples / 3) <= K * B0 * 16 for s in per_phase)  # within one step of the last phase
+    labels = [j.label for j in jobs([4.0, 16.0], 8, [0])]
+    assert labels == ["constant", "linear F=4", "sqrt F=4", "fixed F=4", "linear F=16", "sqrt F=16", "fixed F=16"]

@@ -168,3 +168,33 @@ def test_a_run_stopped_by_its_sync_callback_ends_there_with_equal_replicas() -> 
     full = Simulator(cfg, 3, dtype=torch.float64, on_sync=lambda sim, r: None).run()
     assert full.steps == 40 and full.rounds == 10
     assert result.samples == 3 * 12 * 4
+
+
+def test_noise_scale_after_each_average_is_the_two_batch_estimate_of_the_workers_gradients() -> None:
+    """At the first step after a global average the K gradients share one point: B_small = b, B_big = K·b."""
+    from localsgd.ramps import two_batch_estimates
+
+    K, b, seed = 4, 4, 2
+    cfg = sim_config(*LOGREG, "schedule.H=3", "trainer.max_steps=7", f"trainer.seed={seed}", workers=K)
+    sim = Simulator(cfg, K, dtype=torch.float64, measure_noise=True)
+    start = {n: p.detach()[0].clone() for n, p in zip(sim.names, sim.replicas)}
+    sim.run()
+    assert [s for s, _, _ in sim.noise] == [0, 3, 6]  # the start, then after every average
+    # by hand at step 0: each worker's batch from its own ShardSampler, one plain backward each
+    model = sim.model
+    grads = []
+    for k in range(K):
+        idx = ShardSampler(sim.data.num_train, k, K, seed).next_indices(b)
+        for n, p in model.named_parameters():
+            p.data.copy_(start[n])
+            p.grad = None
+        sim.loss_fn(model(sim.x_train[idx]), sim.y_train[idx]).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    g = torch.stack(grads)
+    small = float((g * g).sum(1).mean())
+    big = float(g.mean(0) @ g.mean(0))
+    want = two_batch_estimates(small, big, b, K * b)
+    assert sim.noise[0][1] == pytest.approx(want[0], rel=1e-12, abs=1e-15)
+    assert sim.noise[0][2] == pytest.approx(want[1], rel=1e-12)
+    with pytest.raises(ConfigError, match="measure_noise needs workers >= 2"):
+        Simulator(sim_config(*LOGREG, workers=1), 1, measure_noise=True)

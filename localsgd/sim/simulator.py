@@ -114,12 +114,17 @@ class Simulator:
     ``on_sync(sim, record)``, if given, is called after every average (for example to evaluate the
     averaged model's objective, :meth:`objective`); when it returns True the run stops there, with
     every replica equal to the average (a benchmark's "iterations to ε"), and the result's ``steps``
-    are the local steps taken.
+    are the local steps taken. With ``measure_noise`` (K ≥ 2), the first step after every global
+    average also measures the gradient noise scale for free: there the K workers' gradients are taken
+    at one point, on K disjoint batches of b, so McCandlish et al.'s two-batch estimator (arXiv
+    1812.06162, App. A.1) gets its small batch (one worker's, b) and its big one (their mean, K·b);
+    :attr:`noise` lists ``(step, |G|² estimate, tr Σ estimate)``, B_simple = tr Σ/|G|².
     """
 
     def __init__(self, cfg: TrainConfig, workers: int, *, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu",
-                 on_sync: Callable[[Simulator, SyncRecord], bool | None] | None = None) -> None:
+                 on_sync: Callable[[Simulator, SyncRecord], bool | None] | None = None,
+                 measure_noise: bool = False) -> None:
         if int(workers) != workers or workers < 1:
             raise ConfigError(f"invalid simulation: workers={workers!r}: must be an integer >= 1")
         problems = unsupported(cfg)
@@ -127,6 +132,11 @@ class Simulator:
             raise ConfigError("cannot simulate: " + "; ".join(problems))
         self.cfg, self.K, self.dtype, self.device = cfg, int(workers), dtype, torch.device(device)
         self.on_sync = on_sync
+        if measure_noise and workers < 2:
+            raise ConfigError("invalid simulation: measure_noise needs workers >= 2 (two batch sizes)")
+        self.measure_noise = measure_noise
+        self.noise: list[tuple[int, float, float]] = []
+        self._at_average = True  # the replicas are equal (the start, or right after a global average)
         tc = cfg.trainer
         self.T = tc.max_steps
         seed_everything(tc.seed)
@@ -183,10 +193,20 @@ class Simulator:
             self._last_lr = lr
         idx = self.shards.next_indices(b).to(self.device)
         grads, losses = self._grad(tuple(p.detach() for p in self.replicas), self.x_train[idx], self.y_train[idx])
+        if self.measure_noise and self._at_average:
+            self.noise.append((step, *self._noise_estimates(grads, b)))
+        self._at_average = False
         for p, g in zip(self.replicas, grads):
             p.grad = g
         self.optimizer.step()
         return losses.detach()
+
+    def _noise_estimates(self, grads: tuple[torch.Tensor, ...], b: int) -> tuple[float, float]:
+        """(|G|², tr Σ) from K gradients at one point: |g_k|² averaged (batch b) and |mean g_k|² (batch K·b)."""
+        flat = torch.cat([g.reshape(self.K, -1).double() for g in grads], dim=1)
+        small = float((flat * flat).sum(dim=1).mean())
+        mean = flat.mean(dim=0)
+        return ramp_lib.two_batch_estimates(small, float(mean @ mean), b, self.K * b)
 
     # ------------------------------------------------------------------ the average
     def _average(self, group_size: int) -> None:
@@ -223,6 +243,7 @@ class Simulator:
         if is_global:
             self._outer_step()
             self.last_global_sync_step = step
+            self._at_average = True
         record = SyncRecord(step, size, round_loss, float(self.optimizer.param_groups[0]["lr"]))
         self.syncs.append(record)
         if advance_schedule:
