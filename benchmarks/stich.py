@@ -13,7 +13,7 @@ H ∈ {1, 4, 16, 64, 256, 1024}; the median over seeds. Speed-up S(K, H) = T_ε(
 H_max(K) is the largest H of the grid with T_ε(K, H) ≤ 1.25·T_ε(K, 1) (no more than 25 % slower than
 averaging every step), set beside the bound's √(T_ε(K, 1)/(K·b)).
 
-    python benchmarks/stich.py            # K up to 256, ε ∈ {1e-2, 1e-3}, 3 seeds (about 10 min on 2 cores)
+    python benchmarks/stich.py            # K up to 256, ε ∈ {1e-2, 1e-3}, 3 seeds (about 5 min on 2 cores)
     python benchmarks/stich.py --quick    # K ∈ {1, 4, 16, 64}, H ∈ {1, 8, 64}, ε = 1e-2, 2 seeds (under 60 s)
 
 Writes ``results/stich[_quick].png`` (speed-up against K, one line per H) and prints a table; the last
