@@ -99,7 +99,9 @@ def main() -> None:
         print(f"held-out loss: {initial:.4f} -> {final:.4f}")
         print(f"replicas identical: {identical}")
     localsgd.dist.barrier("end of training")  # leave together: no rank tears Gloo down under a peer
-    localsgd.dist.destroy()
+    # destroy the group and exit without interpreter finalisation, whose Gloo/TCPStore teardown now and
+    # then aborts a finished process (SIGABRT), which torchrun would report as a failed run
+    localsgd.dist.leave(0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ on every rank.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -124,7 +123,8 @@ def unknown_key(args: list[str], configs: Path) -> str | None:
     Hydra refuses it in eight lines that advise ``+a.b=v``, which :func:`check_config` then refuses as an
     unknown key. Composing here first (a third of a second) names the key with its likely spellings among the
     keys of that section, the selected group option's included (``schedule.h`` finds ``schedule.H``).
-    Every other composition error is left to Hydra.
+    A value of the wrong type (``optimizer.lr=abc``), which Hydra reports in five lines, becomes one line
+    too, the launcher's (:func:`localsgd.run.one_line`). Every other composition error is left to Hydra.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -142,6 +142,10 @@ def unknown_key(args: list[str], configs: Path) -> str | None:
         cause = exc.__cause__
         refused = str(exc).split("'")[1] if str(exc).startswith("Could not override '") else None
         if not (refused and isinstance(cause, ConfigKeyError | ConfigAttributeError) and cause.full_key):
+            if str(exc).startswith("Error merging override"):
+                from .run import one_line
+
+                return one_line(exc)
             return None
         missing = str(cause.full_key)  # the first missing part: ``traner`` of ``traner.max_steps``
         below = refused[len(missing):] if refused.startswith(missing) else ""
@@ -296,18 +300,13 @@ def main() -> None:
         hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(task)()
     except SystemExit as exc:
         code = exc.code
-    # Everything is written and the process group is destroyed. Leave without interpreter
-    # finalisation: a Gloo/TCPStore background thread torn down by a static destructor there
-    # occasionally aborts the process ("terminate called without an active exception", about 1
-    # run in 12 on a loaded 2-core machine), which would turn a finished run (or a preemption's
-    # exit 75) into a SIGABRT.
+    # Everything is written and the process group is destroyed: leave without interpreter finalisation,
+    # whose Gloo/TCPStore teardown occasionally turns a finished run (or a preemption's exit 75) into a
+    # SIGABRT (dist.leave).
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code or 0)
+    dist.leave(code or 0)
 
 
 if __name__ == "__main__":

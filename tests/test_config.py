@@ -143,12 +143,13 @@ def test_hydra_rejects_wrong_types_and_unknown_keys(override: str, named: str) -
 @pytest.mark.slow
 @pytest.mark.parametrize(("override", "named"), [("trainer.max_steps=0", "trainer.max_steps=0"),
                                                   ("+optimizer.lrr=0.1", "optimizer.lrr=0.1"),
-                                                  ("optimizer.lr=abc", "full_key: optimizer.lr")])
+                                                  ("optimizer.lr=abc", "override optimizer.lr=abc: Value 'abc'")])
 def test_entry_point_exits_non_zero_naming_the_key(tmp_path: Path, override: str, named: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "localsgd.train", override, f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert named in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout.strip(), proc.stderr  # one line of ours
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing started
 
 
@@ -244,7 +245,8 @@ def test_unknown_option_names_the_override(args: list[str], named: str | None) -
     (["-m", "trainer.max_step=1,2"], None),  # sweeps: Hydra composes each job itself
     (["schedule=fixed,ddp", "schedule.h=3"], None),
     (["--config-name=other", "trainer.max_step=1"], None),  # another primary config: Hydra decides
-    (["optimizer.lr=abc"], None),  # a wrong type: Hydra's message names it
+    (["optimizer.lr=abc"], "Error merging override optimizer.lr=abc: Value 'abc' of type 'str' could not be "
+                           "converted to Float"),  # a wrong type: Hydra's five lines joined into one
 ])
 def test_unknown_key_names_the_override_and_its_likely_spelling(args: list[str], named: str | None) -> None:
     from hydra.core.global_hydra import GlobalHydra

@@ -192,3 +192,12 @@ def test_own_loop_example_trains_two_ranks_to_identical_replicas(tmp_path: Path)
     assert "replicas identical: True" in out, report(proc)
     initial, final = (float(v) for v in re.search(r"held-out loss: (\S+) -> (\S+)", out).groups())
     assert math.isfinite(final) and final < 0.1 * initial, (initial, final)
+
+
+def test_leave_flushes_and_exits_with_the_code_without_finalisation(tmp_path: Path) -> None:
+    """``localsgd.dist.leave`` (the end of our own-loop example and of the trainer) keeps output and exit code."""
+    script = ("import atexit, sys, localsgd.dist as d\n"
+              "atexit.register(lambda: print('finalised'))\n"  # would run at interpreter finalisation
+              "d.init()\nprint('trained', end='')\nsys.stderr.write('note')\nd.leave(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "trained", "note"), proc
