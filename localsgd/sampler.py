@@ -13,6 +13,7 @@ validation part per rank (for plugins that tune on validation data, such as ``op
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -29,6 +30,22 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=gen)
+
+
+def stream_spans(epoch: int, cursor: int, shard_size: int, batch_size: int) -> Iterator[tuple[int, int, int]]:
+    """The ``(epoch, start, stop)`` slices of a shard that a stream at ``(epoch, cursor)`` hands out next.
+
+    ``batch_size`` samples in order: the rest of the current epoch's shard, then the next epochs'; a
+    cursor at the shard's end moves to the next epoch first.
+    """
+    need = batch_size
+    while need > 0:
+        if cursor == shard_size:
+            epoch, cursor = epoch + 1, 0
+        take = min(need, shard_size - cursor)
+        yield epoch, cursor, cursor + take
+        cursor += take
+        need -= take
 
 
 class ShardSampler:
@@ -64,16 +81,11 @@ class ShardSampler:
             self.samples_seen += batch_size
             return out
         parts = []
-        need = batch_size
-        while need > 0:
-            if self.cursor == self.shard_size:
-                self.epoch += 1
-                self.cursor = 0
-                self._shard = self._make_shard(self.epoch)
-            take = min(need, self.shard_size - self.cursor)
-            parts.append(self._shard[self.cursor : self.cursor + take])
-            self.cursor += take
-            need -= take
+        for epoch, start, stop in stream_spans(self.epoch, self.cursor, self.shard_size, batch_size):
+            if epoch != self.epoch:
+                self.epoch, self._shard = epoch, self._make_shard(epoch)
+            parts.append(self._shard[start:stop])
+            self.cursor = stop
         self.samples_seen += batch_size
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -127,16 +139,11 @@ class ShardGroup:
     def next_indices(self, batch_size: int) -> torch.Tensor:
         """Every rank's next ``batch_size`` indices, shape ``(world_size, batch_size)`` (across epochs when needed)."""
         parts = []
-        need = batch_size
-        while need > 0:
-            if self.cursor == self.shard_size:
-                self.epoch += 1
-                self.cursor = 0
-                self._shards = self._make_shards(self.epoch)
-            take = min(need, self.shard_size - self.cursor)
-            parts.append(self._shards[:, self.cursor : self.cursor + take])
-            self.cursor += take
-            need -= take
+        for epoch, start, stop in stream_spans(self.epoch, self.cursor, self.shard_size, batch_size):
+            if epoch != self.epoch:
+                self.epoch, self._shards = epoch, self._make_shards(epoch)
+            parts.append(self._shards[:, start:stop])
+            self.cursor = stop
         self.samples_seen += batch_size
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
