@@ -198,3 +198,12 @@ def test_noise_scale_after_each_average_is_the_two_batch_estimate_of_the_workers
     assert sim.noise[0][2] == pytest.approx(want[1], rel=1e-12)
     with pytest.raises(ConfigError, match="measure_noise needs workers >= 2"):
         Simulator(sim_config(*LOGREG, workers=1), 1, measure_noise=True)
+
+
+def test_an_early_stop_reports_the_batch_of_its_last_step_not_of_the_budget() -> None:
+    cfg = sim_config(*LOGREG, "schedule.H=4", "trainer.max_steps=40", "ramp=phases", "ramp.starts=[0,0.5]",
+                     "ramp.batch_factors=[1,4]", "ramp.lr_factors=[1,1]", workers=2)
+    stopped = Simulator(cfg, 2, dtype=torch.float64, on_sync=lambda sim, r: r.step >= 12).run()
+    full = Simulator(cfg, 2, dtype=torch.float64).run()
+    assert (stopped.steps, stopped.final_batch_size, stopped.samples) == (12, 4, 2 * 12 * 4)
+    assert (full.steps, full.final_batch_size, full.samples) == (40, 16, 2 * (20 * 4 + 20 * 16))

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import MAX_BATCH, RAMPS, BatchRamp, check_step, milestone_steps, round_batch
+from .base import RAMPS, BatchRamp, check_step, milestone_steps, round_batch, stages_passed
 
 
 class PhasesRamp(BatchRamp):
@@ -38,8 +38,7 @@ class PhasesRamp(BatchRamp):
         self.lr_factors = [float(f) for f in lr_factors]
 
     def phase(self, step: int) -> int:
-        step = check_step(step)
-        return max(i for i, s in enumerate(self.starts) if s <= step)
+        return stages_passed(check_step(step), self.starts) - 1  # starts[0] is step 0: always passed
 
     def batch_size(self, step: int) -> int:
         return self.batches[self.phase(step)]
@@ -71,7 +70,7 @@ class PhasesRampConfig:
             values = list(getattr(self, key))
             if len(values) != len(starts):
                 yield key, values, f"must give one value per phase ({len(starts)} starts)"
-            elif any(not 0 < v <= MAX_BATCH for v in values):
+            elif any(not v > 0 for v in values):
                 yield key, values, "must be > 0"
 
     def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:

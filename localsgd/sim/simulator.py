@@ -267,7 +267,7 @@ class Simulator:
         seconds = time.perf_counter() - start
         params = {n: p.detach()[0].clone() for n, p in zip(self.names, self.replicas)}
         return SimResult(self.K, self.local_step, params, self.syncs, self.evaluate(params), seconds,
-                         self.K * self.shards.samples_seen, self.ramp.batch_size(self.T - 1))
+                         self.K * self.shards.samples_seen, self.ramp.batch_size(self.local_step - 1))
 
     # ------------------------------------------------------------------ evaluation
     def averaged_params(self) -> dict[str, torch.Tensor]:
