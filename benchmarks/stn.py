@@ -93,8 +93,12 @@ class Run:
     seconds: float = 0.0
 
 
-def load(train_size: int) -> Data:
-    ds = build_data(MNIST1DConfig())
+def load(train_size: int, num_samples: int = 10_000) -> Data:
+    """The first ``train_size`` samples of the training split of a ``num_samples`` MNIST-1D set, and its test split."""
+    ds = build_data(MNIST1DConfig(num_samples=num_samples))
+    if train_size > len(ds.y_train):
+        raise ValueError(f"train_size={train_size} exceeds the {len(ds.y_train)} training samples of "
+                         f"num_samples={num_samples}")
     return Data(ds.x_train[:train_size], ds.y_train[:train_size], ds.x_test, ds.y_test)
 
 
