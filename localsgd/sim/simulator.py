@@ -276,13 +276,15 @@ class Simulator:
 
     @torch.no_grad()
     def objective(self, params: dict[str, torch.Tensor] | None = None, split: str = "train",
-                  batch_size: int = 8192) -> tuple[float, float]:
-        """(mean loss, accuracy) of ``params`` (default: the current average) over a whole split."""
+                  batch_size: int = 8192, samples: int | None = None) -> tuple[float, float]:
+        """(mean loss, accuracy) of ``params`` (default: the current average) over a split (its first ``samples``)."""
         params = self.averaged_params() if params is None else params
         if split == "train":
             x, y = self.x_train, self.y_train
         else:
             x, y = self.data.x_test.to(self.device, self.dtype), self.data.y_test.to(self.device)
+        if samples is not None:
+            x, y = x[:samples], y[:samples]
         total, correct = 0.0, 0
         was_training = self.model.training
         self.model.eval()
