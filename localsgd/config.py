@@ -106,7 +106,7 @@ class SyncConfig:
     fragments: int = 1  # F: fragments of the parameters, each syncing at its own offset in the round (fixed H)
     delay: int = 0  # tau: local steps a fragment's average travels before it is applied (overlap); < H/F
     mix: float = 0.0  # alpha: weight of the local copy when a fragment's average lands (0: the average replaces it)
-    merge: str = "mix"  # mix (Streaming DiLoCo's alpha) | progress: average + the local steps taken while it travelled
+    merge: str = "mix"  # mix (Streaming DiLoCo's alpha) | progress: average + the steps taken in flight (delay >= 1)
     compress: str = "none"  # none | bf16 | fp16 | int8 | int4: the format the pseudo-gradient travels in
     error_feedback: bool | None = None  # keep what the code dropped and send it next time (null: on for int8/int4)
     compress_block: int = 256  # values per float32 scale of the int8/int4 codes
@@ -143,6 +143,9 @@ class SyncConfig:
             yield "merge", self.merge, f"must be one of {MERGES}"
         elif self.merge == "progress" and self.mix != 0.0:
             yield "mix", self.mix, "must be 0 with sync.merge=progress (it keeps all the local progress)"
+        elif self.merge == "progress" and self.delay == 0:
+            yield "merge", self.merge, ("needs sync.delay >= 1: with delay 0 an average lands before any local "
+                                        "progress, so there is none to keep (sync.merge=mix is the same run)")
         if self.compress not in COMPRESSIONS:
             yield "compress", self.compress, f"must be one of {COMPRESSIONS}"
         elif self.error_feedback and self.compress == "none":

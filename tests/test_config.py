@@ -61,6 +61,10 @@ def test_every_shipped_group_option_composes_and_validates(group: str, option: s
 def test_a_progress_merge_takes_no_mix() -> None:
     with pytest.raises(ConfigError, match=r"sync.mix=0.5: must be 0 with sync.merge=progress"):
         check_config(_compose("sync.merge=progress", "sync.mix=0.5"))
+    # with no delay there is no progress to keep: refused, not run as a silent synonym of merge=mix
+    with pytest.raises(ConfigError, match=r"sync.merge='progress': needs sync.delay >= 1"):
+        check_config(_compose("sync.fragments=2", "sync.merge=progress"))
+    check_config(_compose("sync.fragments=2", "sync.delay=1", "sync.merge=progress"))
 
 
 @pytest.mark.parametrize(("override", "named"), [

@@ -120,6 +120,8 @@ def test_streaming_options_are_refused_with_the_reason() -> None:
         localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=localsgd.schedules.OneShot(), delay=1)
     with pytest.raises(ValueError, match="compress='int2' is not one of"):
         localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=Fixed(8), compress="int2")
+    with pytest.raises(ValueError, match="merge='progress' needs delay >= 1"):
+        localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=Fixed(8), fragments=2, merge="progress")
     with pytest.raises(ValueError, match="needs the blocking sync"):
         localsgd.LocalSGD(nn.Linear(3, 2), None, schedule=Fixed(8), compress="int8", on_nonfinite="skip_round")
     with pytest.raises(ValueError, match="has only 2 parameter values, fewer than fragments"):
@@ -453,6 +455,35 @@ def test_world_one_streaming_trains_exactly_like_no_sync(kw: dict) -> None:
 
     for a, b in zip(run(None), run(kw)):
         assert torch.equal(a, b)
+
+
+class _LrSpy(localsgd.outer.SlowMoOuter):
+    """SlowMo that records (the inner LR it was given, the optimizer's LR when it was called)."""
+
+    calls: list[tuple[float, float]] = []  # a class attribute: the per-fragment deep copies share it
+    optimizer: torch.optim.Optimizer | None = None
+
+    def step(self, global_params, averaged, inner_lr):  # type: ignore[no-untyped-def]
+        _LrSpy.calls.append((inner_lr, _LrSpy.optimizer.param_groups[0]["lr"]))
+        super().step(global_params, averaged, inner_lr)
+
+
+def test_a_delayed_fragment_steps_slowmo_with_the_lr_of_its_round_not_of_its_landing() -> None:
+    # SlowMo divides the round's displacement by the inner LR gamma_t; the LR changes every step here, so a
+    # fragment that lands tau = 2 steps after it left must be given the LR of the step it left at.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    _LrSpy.calls, _LrSpy.optimizer = [], opt
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(8), fragments=2, delay=2, outer=_LrSpy())
+    for t in range(16):
+        opt.param_groups[0]["lr"] = 1.0 / (t + 1)  # step t runs at 1/(t+1): the step is readable from the LR
+        model(torch.randn(3, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sync.step()
+    assert len(_LrSpy.calls) == 3  # launched after local steps 4, 8, 12 (the one of step 16 is in flight)
+    assert all(round(1 / now) - round(1 / given) == 2 for given, now in _LrSpy.calls)
 
 
 def test_world_one_streaming_is_plain_training_and_counts_no_bytes() -> None:

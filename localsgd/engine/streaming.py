@@ -127,6 +127,8 @@ class InFlight:
     averaged_in_collective: bool
     handles: list[Any] = field(default_factory=list)
     sent: torch.Tensor | None = None  # merge="progress": the copy this rank sent
+    # the round's inner LR γ_t at launch (SlowMo divides the displacement by it): the LR may change in flight
+    inner_lr: float | None = None
 
 
 class StreamingSync:
@@ -149,6 +151,9 @@ class StreamingSync:
             raise ValueError(f"LocalSGD merge={merge!r} is not one of {MERGES}")
         if merge == "progress" and mix != 0.0:
             raise ValueError(f"LocalSGD merge='progress' keeps all local progress: it takes no mix (got mix={mix!r})")
+        if merge == "progress" and delay == 0:
+            raise ValueError("LocalSGD merge='progress' needs delay >= 1: with delay 0 an average lands before any "
+                             "local progress, so there is none to keep (merge='mix' is the same run)")
         self.F, self.delay, self.mix, self.merge = int(fragments), int(delay), float(mix), merge
         self.compress, self.block = compress, block
         self.error_feedback = codec.error_feedback_default(compress) if error_feedback is None else bool(error_feedback)
@@ -310,7 +315,8 @@ class StreamingSync:
                                       [int(b) for b in engine.layout.int_buffers] if last else [])
             check = torch.tensor(words, dtype=torch.int64, device=frag.send.device)
             engine._round_loss = [0.0, 0]
-            pending = InFlight(p, t, t + self.delay, payload, check, world, averaged)
+            pending = InFlight(p, t, t + self.delay, payload, check, world, averaged,
+                               inner_lr=engine._current_lr() or 1.0)
             # world 1: the "average" is the copy sent, so the progress since is kept whatever the merge
             if (self.merge == "progress" or world == 1) and self.delay > 0 and not self._finalizing:
                 # the all-reduce of compress=none reduces the send buffer in place: keep the copy apart
@@ -386,8 +392,8 @@ class StreamingSync:
             average = self._decode(frag, pending)
             if frag.outer is not None:
                 params, ref = average[: frag.param_numel], frag.ref
-                frag.outer.step([] if ref is None else [ref[: frag.param_numel]], [params],
-                                inner_lr=engine._current_lr() or 1.0)
+                lr = pending.inner_lr if pending.inner_lr is not None else engine._current_lr() or 1.0
+                frag.outer.step([] if ref is None else [ref[: frag.param_numel]], [params], inner_lr=lr)
             if frag.ref is not None:
                 frag.ref.copy_(average)
             mix = self.mix if pending.world > 1 else 0.0
@@ -463,7 +469,8 @@ class StreamingSync:
             f = self.inflight
             inflight = {"fragment": f.fragment, "launched": f.launched, "due": f.due, "world": f.world,
                         "averaged_in_collective": f.averaged_in_collective, "payload": f.payload.clone(),
-                        "check": f.check.clone(), "sent": None if f.sent is None else f.sent.clone()}
+                        "check": f.check.clone(), "sent": None if f.sent is None else f.sent.clone(),
+                        "inner_lr": f.inner_lr}
         return {
             "fragments": [{"ref": None if f.ref is None else f.ref.clone(),
                            "residual": None if f.residual is None else f.residual.clone(),
@@ -499,4 +506,4 @@ class StreamingSync:
         f = state["inflight"]
         self.inflight = None if f is None else InFlight(f["fragment"], f["launched"], f["due"], f["payload"],
                                                         f["check"], f["world"], f["averaged_in_collective"],
-                                                        sent=f.get("sent"))
+                                                        sent=f.get("sent"), inner_lr=f.get("inner_lr"))
