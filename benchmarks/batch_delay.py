@@ -149,7 +149,9 @@ def fit_minibatch(points: list[tuple[int, float]]) -> dict | None:
     sxx = sum((x - mx) ** 2 for x in xs)
     e_min = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     s_min = my - e_min * mx
-    return {"S_min": s_min, "E_min": e_min, "B_crit": e_min / s_min if s_min > 0 else math.inf}
+    # S_min <= 0: steps fall as 1/B over the whole range (no knee in it); E_min <= 0: a larger batch buys no steps
+    b_crit = math.inf if s_min <= 0 else 0.0 if e_min <= 0 else e_min / s_min
+    return {"S_min": s_min, "E_min": e_min, "B_crit": b_crit}
 
 
 def main(argv: list[str] | None = None) -> int:
