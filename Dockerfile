@@ -19,7 +19,8 @@ ARG BASE_IMAGE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 # Stage 1: the wheel, built from what it packages (code, configs, metadata) and nothing else.
 FROM ${BASE_IMAGE} AS wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md MANIFEST.in ./
+COPY build_backend build_backend
 COPY localsgd localsgd
 COPY configs configs
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -41,7 +41,7 @@ test-slurm: setup
 	$(PY) -m pytest -m slurm tests/test_slurm.py $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check localsgd tests benchmarks examples
+	$(VENV)/bin/ruff check localsgd tests benchmarks examples build_backend
 
 bench-quick: setup
 	$(PY) benchmarks/averaging.py --quick

@@ -28,7 +28,7 @@ from .launch_helpers import ROOT, env_for
 
 EXAMPLE = ROOT / "examples" / "own_loop.py"
 # What the wheel is built from, as in the Dockerfiles' wheel stage.
-WHEEL_SOURCES = ("pyproject.toml", "README.md", "localsgd", "configs")
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "MANIFEST.in", "build_backend", "localsgd", "configs")
 
 
 def clean_env(tmp: Path) -> dict[str, str]:
@@ -108,8 +108,8 @@ def test_readme_engine_snippet_is_an_excerpt_of_the_example() -> None:
 
 
 @pytest.fixture(scope="module")
-def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A new virtual environment with the wheel built from this checkout installed; its ``bin`` folder."""
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the copy of the sources, the wheel ``pip wheel`` built from it)."""
     for needed in ("pip", "setuptools"):
         if importlib.util.find_spec(needed) is None:
             pytest.skip(f"cannot build a wheel here: {needed} is not installed in this interpreter")
@@ -126,7 +126,21 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "--wheel-dir", str(tmp / "dist"), str(src)], tmp, env, timeout=180)
     assert built.returncode == 0, report(built)
     (wheel,) = (tmp / "dist").glob("localsgd-*.whl")
+    return src, wheel
 
+
+@pytest.mark.slow
+def test_building_the_wheel_leaves_the_source_tree_as_it_was(built_wheel: tuple[Path, Path]) -> None:
+    src, _ = built_wheel
+    assert sorted(p.name for p in src.iterdir()) == sorted(WHEEL_SOURCES)  # no build/, no localsgd.egg-info
+
+
+@pytest.fixture(scope="module")
+def installed_wheel(built_wheel: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new virtual environment with the wheel built from this checkout installed; its ``bin`` folder."""
+    _, wheel = built_wheel
+    tmp = tmp_path_factory.mktemp("venv")
+    env = clean_env(tmp)
     target = tmp / "venv"
     try:
         venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(target)
