@@ -14,6 +14,8 @@ factor F ∈ {4, 16, 64} (global 512 to 8,192), with three LR rules per phase:
 * ``linear``: LR × batch factor (Goyal),
 * ``sqrt``: LR × √(batch factor),
 * ``fixed``: LR × 1 (the batch growth alone, Smith's view),
+* ``linear+warmup``: linear, each phase's LR rising from the previous phase's over its first quarter
+  (``ramp.warmup=0.25``: Goyal et al.'s gradual warm-up, §2.2, at every batch change),
 against the constant batch 128 (``constant``). Reported: test accuracy and loss after the budget
 (mean ± std over seeds) and the number of steps (sequential rounds).
 
@@ -51,7 +53,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 K, B0, TRAIN = 16, 8, 16_000
 BASE = ["data=mnist1d", "data.num_samples=20000", "model=cnn1d", "optimizer=sgd", "optimizer.lr=0.05",
         "optimizer.lr_decay=none", "schedule=fixed", "schedule.H=1", f"trainer.batch_size={B0}"]
-RULES = {"linear": lambda f: f, "sqrt": math.sqrt, "fixed": lambda f: 1.0}
+RULES = {"linear": lambda f: f, "sqrt": math.sqrt, "fixed": lambda f: 1.0, "linear+warmup": lambda f: f}
+WARMUP = {"linear+warmup": 0.25}  # ramp.warmup of a rule (0 for the others)
 
 
 @dataclass
@@ -79,7 +82,8 @@ def jobs(final_factors: list[float], epochs: int, seeds: list[int]) -> list[Job]
         for rule, lr_of in RULES.items():
             ov = ["ramp=phases", f"ramp.starts=[{','.join(f'{x:.12g}' for x in starts)}]",
                   f"ramp.batch_factors=[{','.join(f'{x:.12g}' for x in factors)}]",
-                  f"ramp.lr_factors=[{','.join(f'{lr_of(x):.12g}' for x in factors)}]"]
+                  f"ramp.lr_factors=[{','.join(f'{lr_of(x):.12g}' for x in factors)}]",
+                  f"ramp.warmup={WARMUP.get(rule, 0.0)}"]
             out += [Job(f"{rule} F={f:g}", ov, steps, s) for s in seeds]
     return out
 
@@ -117,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.fmean(r[key] for r in by[label])
 
     print(f"K = {K}, b0 = {B0} per worker, {epochs} epochs of {TRAIN} samples, {len(seeds)} seed(s)")
-    print(f"{'run':<14} {'steps':>6} {'final batch':>11} {'test acc':>15} {'test loss':>10}")
+    print(f"{'run':<20} {'steps':>6} {'final batch':>11} {'test acc':>15} {'test loss':>10}")
     for label, rs in by.items():
         accs = [r["eval_accuracy"] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         diverged = sum("diverged" in r for r in rs)
-        print(f"{label:<14} {rs[0]['steps']:>6} {rs[0].get('final_global_batch', '-'):>11} "
+        print(f"{label:<20} {rs[0]['steps']:>6} {rs[0].get('final_global_batch', '-'):>11} "
               f"{statistics.fmean(accs):>8.4f} ± {sd:.4f} {mean(label, 'eval_loss'):>10.4f}"
               + (f"  ({diverged} diverged)" if diverged else ""))
     breaks = [f for f in factors if mean(f"linear F={f:g}", "eval_accuracy") < mean(f"sqrt F={f:g}", "eval_accuracy")

@@ -52,6 +52,25 @@ def test_phases_give_each_phase_its_batch_and_lr_and_are_never_coupled_again() -
     assert [shrinking.batch_size(t) for t in (0, 500)] == [32, 8]  # a later phase may use a smaller batch
 
 
+def test_a_phase_warms_its_lr_up_from_the_previous_phase_over_its_first_steps() -> None:
+    # T = 1000; phase 1 runs steps 250..599 (350 steps): warm-up over round(0.2 * 350) = 70 of them
+    cfg = PhasesRampConfig(starts=[0.0, 0.25, 0.6], batch_factors=[1.0, 2.0, 8.0], lr_factors=[1.0, 2.0, 8.0],
+                           warmup=0.2)
+    ramp = build(cfg, 4, T)
+    assert ramp.warmup_steps == [0, 70, 80]  # phase 2: 400 steps, round(0.2 * 400)
+    assert [ramp.lr_factor(t) for t in (0, 249)] == [1.0, 1.0]  # the first phase has no earlier LR to leave
+    assert [ramp.lr_factor(t) for t in (250, 251, 318, 319, 599)] == pytest.approx(
+        [1 + 1 / 70, 1 + 2 / 70, 1 + 69 / 70, 2.0, 2.0])
+    assert [ramp.lr_factor(t) for t in (600, 639, 679, 680)] == pytest.approx([2 + 6 / 80, 2 + 6 * 40 / 80, 8.0, 8.0])
+    assert ramp.batch_size(250) == 8  # the batch jumps; only the LR ramps
+    falling = build(PhasesRampConfig(starts=[0.0, 0.5], batch_factors=[1.0, 1.0], lr_factors=[4.0, 1.0],
+                                     warmup=1.0), 4, T)
+    assert falling.lr_factor(500) == pytest.approx(4 - 3 / 500) and falling.lr_factor(999) == 1.0
+    assert "after 70 warm-up steps" in ramp.describe()
+    bad = [k for k, _, _ in PhasesRampConfig(warmup=1.5).problems()]
+    assert bad == ["warmup"]
+
+
 def _ids(cfgs: list) -> list[str]:
     return [c.name for c in cfgs]
 

@@ -13,6 +13,12 @@ multiplies it again); ``lr_factors = batch_factors`` *is* linear scaling, and an
 batch grown past what linear scaling would allow. The optimizer's own decay (``optimizer.lr_decay``)
 multiplies on top.
 
+``warmup = w > 0`` makes each phase after the first raise its LR factor linearly from the previous
+phase's over its first n_i = max(1, round(w·len_i)) steps, Goyal et al.'s gradual warm-up (§2.2)
+applied at every batch change, as the recipe's phases ramp their LR from one value to the next:
+
+    γ_t = γ(t) · (L_{i−1} + (L_i − L_{i−1}) · min(1, (t − s_i + 1)/n_i)),   s_i = int(starts[i]·T).
+
 Defaults (ours, not the recipe's): two phases, ×1 then ×4 at half the run, LR ×1 then ×2 (square-root
 scaling in the second phase).
 """
@@ -31,11 +37,14 @@ class PhasesRamp(BatchRamp):
     couples_lr = False  # each phase names its own LR factor
 
     def __init__(self, base_batch: int, total_steps: int, starts: list[float], batch_factors: list[float],
-                 lr_factors: list[float]) -> None:
+                 lr_factors: list[float], warmup: float = 0.0) -> None:
         super().__init__(base_batch, total_steps)
         self.starts = milestone_steps(starts, total_steps)
         self.batches = [round_batch(self.base_batch * f) for f in batch_factors]
         self.lr_factors = [float(f) for f in lr_factors]
+        ends = [*self.starts[1:], total_steps]
+        self.warmup_steps = [0] + [max(1, round(warmup * (e - s))) if warmup > 0 else 0
+                                   for s, e in zip(self.starts[1:], ends[1:])]
 
     def phase(self, step: int) -> int:
         return stages_passed(check_step(step), self.starts) - 1  # starts[0] is step 0: always passed
@@ -44,10 +53,17 @@ class PhasesRamp(BatchRamp):
         return self.batches[self.phase(step)]
 
     def lr_factor(self, step: int) -> float:
-        return self.lr_factors[self.phase(step)]
+        i = self.phase(step)
+        n = self.warmup_steps[i]
+        into = step - self.starts[i] + 1  # steps of phase i taken, this one included
+        if into >= n:
+            return self.lr_factors[i]
+        before = self.lr_factors[i - 1]
+        return before + (self.lr_factors[i] - before) * into / n
 
     def describe(self) -> str:
-        parts = [f"step {s}: b={b}, lr x{f:g}" for s, b, f in zip(self.starts, self.batches, self.lr_factors)]
+        parts = [f"step {s}: b={b}, lr x{f:g}" + (f" after {n} warm-up steps" if n else "")
+                 for s, b, f, n in zip(self.starts, self.batches, self.lr_factors, self.warmup_steps)]
         return "phases(" + "; ".join(parts) + ")"
 
 
@@ -55,12 +71,13 @@ class PhasesRamp(BatchRamp):
 @dataclass
 class PhasesRampConfig:
     """``ramp=phases``: phase i from ``starts[i]`` (a fraction of the run): batch × ``batch_factors[i]``,
-    LR × ``lr_factors[i]``."""
+    LR × ``lr_factors[i]``, reached from the previous phase's LR over the first ``warmup`` of the phase."""
 
     name: str = "phases"
     starts: list[float] = field(default_factory=lambda: [0.0, 0.5])
     batch_factors: list[float] = field(default_factory=lambda: [1.0, 4.0])
     lr_factors: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    warmup: float = 0.0  # fraction of each later phase over which its LR factor rises from the previous one
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         starts = list(self.starts)
@@ -72,6 +89,9 @@ class PhasesRampConfig:
                 yield key, values, f"must give one value per phase ({len(starts)} starts)"
             elif any(not v > 0 for v in values):
                 yield key, values, "must be > 0"
+        if not 0.0 <= self.warmup <= 1.0:
+            yield "warmup", self.warmup, "must be in [0, 1] (a fraction of each phase; 0: no warm-up)"
 
     def build(self, base_batch: int, total_steps: int, world_size: int = 1) -> BatchRamp:
-        return PhasesRamp(base_batch, total_steps, list(self.starts), list(self.batch_factors), list(self.lr_factors))
+        return PhasesRamp(base_batch, total_steps, list(self.starts), list(self.batch_factors), list(self.lr_factors),
+                          self.warmup)
