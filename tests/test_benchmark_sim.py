@@ -102,4 +102,5 @@ def test_phase_plan_spends_a_third_of_the_samples_in_each_phase_through_the_real
     assert sum(per_phase) == pytest.approx(samples, rel=0.01)
     assert all(abs(s - samples / 3) <= K * B0 * 16 for s in per_phase)  # within one step of the last phase
     labels = [j.label for j in jobs([4.0, 16.0], 8, [0])]
-    assert labels == ["constant", *(f"{r} F={f}" for f in (4, 16) for r in ("linear", "sqrt", "fixed", "linear+warmup"))]
+    rules = ("linear", "sqrt", "fixed", "linear+warmup")
+    assert labels == ["constant", *(f"{r} F={f}" for f in (4, 16) for r in rules)]
