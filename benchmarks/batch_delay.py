@@ -27,11 +27,14 @@ between two checkpoints, read where the run first reaches the target.
     python benchmarks/batch_delay.py --quick   # H ∈ {1, 16}, the centre LR, 4 epochs, 1 seed (under 60 s)
 
 Writes ``results/batch_delay[_quick].png`` and prints tables; the last line is JSON: ``cells`` (per
-"b=…,H=…": global batch, the LR chosen, samples / steps / rounds to each target, the lowest loss),
+"b=…,H=…", H a fixed value or ``adaptive`` for ``schedule=noise_adaptive``: global batch, the LR chosen,
+samples / steps / rounds to each target, the lowest loss; the H the adaptive schedule set),
 ``fit`` (per target: S_min, E_min and B_crit of the H = 1 fit, and B_simple at the target),
 ``delay_helps_above_bcrit`` (per target: whether some H > 1 needs fewer samples than H = 1 at a global
 batch above B_crit), ``delay_ratios_above_bcrit`` (those ratios; 0 where only H > 1 reaches the target,
-null where it misses it) and ``equal_rounds`` (per target: local SGD (b, H) against minibatch (H·b, 1)).
+null where it misses it), ``equal_rounds`` (per target: local SGD (b, H) against minibatch (H·b, 1)),
+``adaptive_vs_fixed`` (per target and b: the adaptive schedule's samples and rounds over those of the
+fixed H that needed the fewest samples) and ``runs`` (every run's samples to each target).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 K, TRAIN, EVAL_SAMPLES, CHECK_EVERY = 16, 16_000, 4096, 4096
 TARGETS = (0.5, 0.25)  # training losses (MNIST-1D's cnn1d starts at ln 10 = 2.30)
 BASE = ["data=mnist1d", "data.num_samples=20000", "model=cnn1d", "optimizer=sgd", "optimizer.lr_decay=none",
-        "schedule=fixed", "checkpoint=off"]
+        "checkpoint=off"]
+ADAPTIVE = "adaptive"  # the H of a schedule=noise_adaptive cell (its defaults: H in [1, 16], measured every 4 rounds)
 
 
 def centre_lr(b: int) -> float:
@@ -69,7 +73,7 @@ def centre_lr(b: int) -> float:
 @dataclass
 class Job:
     b: int
-    H: int
+    H: int | str  # a fixed H, or ADAPTIVE
     lr: float
     seed: int
     samples: int  # the budget, all workers
@@ -83,7 +87,8 @@ def run_job(job: Job) -> dict:
     """One run: its checkpoints (samples, steps, rounds, train loss, the window's B_simple) to the tightest target."""
     torch.set_num_threads(1)
     steps = job.samples // (K * job.b)
-    cfg = sim_config(*BASE, f"trainer.batch_size={job.b}", f"schedule.H={job.H}", f"optimizer.lr={job.lr:.12g}",
+    schedule = ["schedule=noise_adaptive"] if job.H == ADAPTIVE else ["schedule=fixed", f"schedule.H={job.H}"]
+    cfg = sim_config(*BASE, *schedule, f"trainer.batch_size={job.b}", f"optimizer.lr={job.lr:.12g}",
                      f"trainer.max_steps={steps}", f"trainer.seed={job.seed}", workers=K)
     curve: list[tuple[int, int, int, float, float]] = []
     used = [0]  # noise records already folded into a window
@@ -100,13 +105,15 @@ def run_job(job: Job) -> dict:
         return loss <= min(TARGETS)
 
     t0 = time.perf_counter()
+    sim = Simulator(cfg, K, on_sync=check, measure_noise=job.H == 1)
     try:
-        Simulator(cfg, K, on_sync=check, measure_noise=job.H == 1).run()
+        sim.run()
         diverged = False
     except FloatingPointError:  # a diverged run is a result: it reaches no target
         diverged = True
+    chosen = [h for _, _, h in getattr(sim.schedule, "history", [])]  # noise_adaptive: the H it set
     return {"cell": job.cell, "b": job.b, "H": job.H, "lr": job.lr, "seed": job.seed, "curve": curve,
-            "diverged": diverged, "seconds": round(time.perf_counter() - t0, 1)}
+            "diverged": diverged, "h_chosen": chosen, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def first_reach(curve: list, target: float) -> tuple | None:
@@ -157,30 +164,37 @@ def fit_minibatch(points: list[tuple[int, float]]) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="H ∈ {1, 16}, the centre LR, 4 epochs, 1 seed")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; quick 0)")
     p.add_argument("--processes", type=int, default=None)
     args = p.parse_args(argv)
     quick = args.quick
     bs = [2, 8, 32, 128]
     hs, mults, epochs, seeds, targets = (([1, 16], [1.0], 4, [0], TARGETS[:1]) if quick
                                          else ([1, 4, 16], [0.5, 1.0, 2.0], 16, [0, 1, 2], TARGETS))
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",")]
     t0, commit = time.perf_counter(), git_state()
     data_lib.build(sim_config(*BASE, workers=K).data)  # generate and cache the data once, before the workers race
-    jobs = [Job(b, H, centre_lr(b) * m, s, epochs * TRAIN) for b in bs for H in hs for m in mults for s in seeds]
+    columns = [*hs, ADAPTIVE]
+    jobs = [Job(b, H, centre_lr(b) * m, s, epochs * TRAIN) for b in bs for H in columns for m in mults for s in seeds]
     results = run_all(jobs, args.processes, fn=run_job, cost=lambda j: j.samples / j.b ** 0.7)
     cells = {}
     for b in bs:
-        for H in hs:
+        for H in columns:
             cell = f"b={b},H={H}"
             cells[cell] = cell_summary([r for r in results if r["cell"] == cell], targets)
+        chosen = [h for r in results if r["cell"] == f"b={b},H={ADAPTIVE}" for h in r["h_chosen"]]
+        cells[f"b={b},H={ADAPTIVE}"]["h_chosen"] = ({"min": min(chosen), "median": statistics.median(chosen),
+                                                    "max": max(chosen)} if chosen else None)
 
     print(f"K = {K}, MNIST-1D cnn1d, {epochs} epochs budget ({epochs * TRAIN} samples), {len(seeds)} seed(s); "
           f"samples (thousands) / rounds to the training loss target, at the best LR of the cell")
-    fits, helps, equal_rounds = {}, {}, {}
+    fits, helps, equal_rounds, adaptive = {}, {}, {}, {}
     for t in targets:
         key = str(t)
-        print(f"\ntarget {t}:  {'global batch':>12} " + " ".join(f"{f'H={H}':>22}" for H in hs) + "   B_simple")
+        print(f"\ntarget {t}:  {'global batch':>12} " + " ".join(f"{f'H={H}':>22}" for H in columns) + "   B_simple")
         for b in bs:
-            row = [cells[f"b={b},H={H}"]["per_target"][key] for H in hs]
+            row = [cells[f"b={b},H={H}"]["per_target"][key] for H in columns]
             bsimp = row[0]["b_simple"]
             print(f"{'':>10}{K * b:>14} " + " ".join(
                 f"{r['samples'] / 1000:>9.1f}k /{r['rounds']:>6.0f} (lr {r['lr']:.3g})" if math.isfinite(r["samples"])
@@ -219,14 +233,30 @@ def main(argv: list[str] | None = None) -> int:
         for pair, v in equal_rounds[key].items():
             print(f"  equal rounds {pair}: rounds {v['local_rounds']:.0f} vs {v['minibatch_rounds']:.0f}, "
                   f"samples {v['local_samples'] / 1000:.1f}k vs {v['minibatch_samples'] / 1000:.1f}k")
+        adaptive[key] = {}
+        for b in bs:
+            mine = cells[f"b={b},H={ADAPTIVE}"]["per_target"][key]
+            fixed = {H: cells[f"b={b},H={H}"]["per_target"][key] for H in hs}
+            reached = [H for H in hs if math.isfinite(fixed[H]["samples"])]
+            best = min(reached, key=lambda H: fixed[H]["samples"]) if reached else None  # noqa: B023
+            adaptive[key][f"b={b}"] = {
+                "samples": mine["samples"], "rounds": mine["rounds"], "best_fixed_H": best,
+                "samples_vs_best_fixed": mine["samples"] / fixed[best]["samples"] if best else None,
+                "rounds_vs_best_fixed": mine["rounds"] / fixed[best]["rounds"] if best else None,
+                "h_chosen": cells[f"b={b},H={ADAPTIVE}"]["h_chosen"]}
+            a = adaptive[key][f"b={b}"]
+            print(f"  adaptive at b={b}: H chosen {a['h_chosen']}; "
+                  + (f"samples x{a['samples_vs_best_fixed']:.2f}, rounds x{a['rounds_vs_best_fixed']:.2f} of the "
+                     f"best fixed H={best}" if best and math.isfinite(mine["samples"]) else
+                     ("reached, no fixed H did" if math.isfinite(mine["samples"]) else "not reached")))
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(targets) + 1, figsize=(5 * (len(targets) + 1), 4))
     for ax, t in zip(axes, targets):
-        for H in hs:
+        for H in columns:
             ys = [cells[f"b={b},H={H}"]["per_target"][str(t)]["samples"] for b in bs]
             ax.plot([K * b for b in bs], [y if math.isfinite(y) else float("nan") for y in ys], marker="o",
-                    label=f"H = {H}")
+                    label=f"H = {H}" if H != ADAPTIVE else "noise_adaptive", ls=":" if H == ADAPTIVE else "-")
         f = fits[str(t)]
         if f.get("B_crit") and math.isfinite(f["B_crit"]):
             ax.axvline(f["B_crit"], color="k", ls="--", lw=0.8, label="B_crit (H = 1 fit)")
@@ -253,12 +283,20 @@ def main(argv: list[str] | None = None) -> int:
            "seeds": len(seeds), "targets": list(targets),
            "cells": {c: {"global_batch": v["global_batch"], "lowest_loss": v["lowest_loss"],
                          "per_target": {t: {k: finite(x) for k, x in d.items()} for t, d in v["per_target"].items()},
-                         "lr_at_grid_edge": v["lr_at_grid_edge"]} for c, v in cells.items()},
+                         "lr_at_grid_edge": v["lr_at_grid_edge"], **({"h_chosen": v["h_chosen"]} if "h_chosen" in v
+                                                                      else {})} for c, v in cells.items()},
            "fit": fits, "delay_helps_above_bcrit": {t: any(v is not None and v < 1 for v in d.values())
                                                     for t, d in helps.items()},
            "delay_ratios_above_bcrit": helps,
            "equal_rounds": {t: {p: {k: finite(x) for k, x in v.items()} for p, v in d.items()}
                             for t, d in equal_rounds.items()},
+           "adaptive_vs_fixed": {t: {c: {k: finite(x) for k, x in v.items()} for c, v in d.items()}
+                                 for t, d in adaptive.items()},
+           "seed_list": seeds,
+           # every run: the samples at which it first reached each target (null: never), its lowest loss
+           "runs": [{"cell": r["cell"], "lr": r["lr"], "seed": r["seed"], "diverged": r["diverged"],
+                     "samples_to": {str(t): (h[0] if (h := first_reach(r["curve"], t)) else None) for t in targets},
+                     "lowest_loss": min((c[3] for c in r["curve"]), default=None)} for r in results],
            "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps(out))
     return 0

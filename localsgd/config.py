@@ -273,7 +273,7 @@ def run_id(name: str | None = None) -> str:
 
 
 # Components whose behaviour does not depend on trainer.max_steps (a run with them can be extended).
-_SCHEDULES_WITHOUT_TOTAL = ("fixed", "one_shot", "hierarchical", "adacomm", "qsr", "ddp")
+_SCHEDULES_WITHOUT_TOTAL = ("fixed", "one_shot", "hierarchical", "adacomm", "qsr", "noise_adaptive", "ddp")
 _RAMPS_WITHOUT_TOTAL = ("none", "noise_scale")
 
 
@@ -474,11 +474,25 @@ def _ddp_baseline(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
                "(e.g. ramp=geometric)")
 
 
+def noise_measurer(cfg: TrainConfig) -> tuple[str, str] | None:
+    """(group, option) of the component that has the trainer measure the gradient noise scale, if any."""
+    if cfg.ramp.name == "noise_scale":
+        return "ramp", "noise_scale"
+    if cfg.schedule.name == "noise_adaptive":
+        return "schedule", "noise_adaptive"
+    return None
+
+
 def _noise_scale_workers(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
-    if cfg.ramp.name == "noise_scale" and launch.world_size < 2:
-        yield (f"ramp.name='noise_scale': needs >= 2 workers (the big batch is the all-reduced gradient), "
+    if cfg.ramp.name == "noise_scale" and cfg.schedule.name == "noise_adaptive":
+        yield ("schedule.name='noise_adaptive': ramp=noise_scale also acts on the measured noise scale (it "
+               "grows the batch); one controller at a time: choose another ramp, or schedule=fixed")
+    who = noise_measurer(cfg)
+    if who is not None and launch.world_size < 2:
+        group, option = who
+        yield (f"{group}.name='{option}': needs >= 2 workers (the big batch is the all-reduced gradient), "
                f"this launch has world size {launch.world_size}; launch with torchrun --nproc_per_node=2 "
-               "or more, or choose another ramp")
+               f"or more, or choose another {group}")
 
 
 def _ramp_and_batch_size(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
@@ -585,9 +599,10 @@ def _step_options(cfg: TrainConfig, launch: Launch) -> Iterator[str]:
     if tc.precision == "fp16" and not torch.cuda.is_available():
         yield ("trainer.precision='fp16': float16 autocast with a GradScaler needs CUDA, which this machine lacks; "
                "use trainer.precision=bf16 (works on CPU) or fp32")
-    if tc.grad_accum_steps > 1 and cfg.ramp.name == "noise_scale":
-        yield (f"trainer.grad_accum_steps={tc.grad_accum_steps}: ramp=noise_scale measures the gradient of one "
-               "batch of trainer.batch_size; use grad_accum_steps=1 with it, or another ramp")
+    who = noise_measurer(cfg)
+    if tc.grad_accum_steps > 1 and who is not None:
+        yield (f"trainer.grad_accum_steps={tc.grad_accum_steps}: {who[0]}={who[1]} measures the gradient of one "
+               f"batch of trainer.batch_size; use grad_accum_steps=1 with it, or another {who[0]}")
 
 
 def _loader(cfg: TrainConfig, launch: Launch) -> Iterator[str]:

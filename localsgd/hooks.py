@@ -66,8 +66,9 @@ class NoiseScaleProbe(StepHook):
 
     name = "noise_scale"
 
-    def __init__(self, cfg: Any, ramp: BatchRamp, world: int, communicator: Any) -> None:
-        self.ramp, self.world, self.every = ramp, world, cfg.measure_every_rounds
+    def __init__(self, cfg: Any, observer: Any, world: int, communicator: Any) -> None:
+        # observer: the ramp or schedule that acts on B_simple (observe_noise_scale(b_simple, step, K·b))
+        self.observer, self.world, self.every = observer, world, cfg.measure_every_rounds
         self.communicator = communicator
         self.estimator = NoiseScaleEstimator(1, world, ema=cfg.ema, discard_first=cfg.warmup_measurements)
         self.bytes = 0
@@ -89,7 +90,7 @@ class NoiseScaleProbe(StepHook):
             big = float((buf[:-1] / self.world).pow(2).sum())
             self.estimator.update(small, big, b_small=batch_size, b_big=self.world * batch_size)
             self.last_b_simple = self.estimator.b_simple()
-            self.ramp.observe_noise_scale(self.last_b_simple, step)
+            self.observer.observe_noise_scale(self.last_b_simple, step, self.world * batch_size)
 
         return measure
 

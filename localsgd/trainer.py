@@ -279,8 +279,11 @@ def build_hooks(cfg: TrainConfig, ramp: Any, comm: Communicator, world: int, fin
     """The step hooks the chosen components ask for, by capability (combinations they cannot serve,
     such as ramp=noise_scale at one worker, were refused by ``config.check_config`` before start)."""
     hooks: list[StepHook] = [RoundLengthHistory(comm)]
+    schedule = getattr(comm, "schedule", None)
     if ramp.observes_noise_scale:
         hooks.append(NoiseScaleProbe(cfg.ramp, ramp, world, comm))
+    elif getattr(schedule, "observes_noise_scale", False):  # H from B_simple (schedule=noise_adaptive)
+        hooks.append(NoiseScaleProbe(cfg.schedule, schedule, world, comm))
     sc = cfg.schedule
     if getattr(sc, "paper_lr", False):  # Stich's step size and weighted iterate average
         a = comm.schedule.shift(sc.mu, sc.L, sc.shift_kappa)  # type: ignore[attr-defined]

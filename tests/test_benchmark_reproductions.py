@@ -77,6 +77,10 @@ def test_a_run_checks_the_averaged_model_at_the_first_sync_after_every_4096_samp
         assert drawn[-1] == job.samples  # the budget's end is the last check
     one = batch_delay.run_job(batch_delay.Job(b=8, H=1, lr=0.05, seed=0, samples=2 * batch_delay.CHECK_EVERY))
     assert all(c[4] > 0 for c in one["curve"])  # H = 1: the window's B_simple
+    # the adaptive schedule: a run records the H it set, each the rule's for a global batch of 16·32
+    ada = batch_delay.run_job(batch_delay.Job(b=32, H=batch_delay.ADAPTIVE, lr=0.05, seed=0,
+                                              samples=8 * batch_delay.CHECK_EVERY))
+    assert ada["h_chosen"] and all(1 <= h <= 16 for h in ada["h_chosen"]) and not res["h_chosen"]
 
 
 def _stn_result(n: int, seed: int, losses: dict[str, float]) -> dict:
@@ -108,7 +112,9 @@ def test_quick_reproductions_run_and_print_their_keys(module, capsys: pytest.Cap
     assert out["quick"] is True
     if module is batch_delay:
         assert {"cells", "fit", "delay_helps_above_bcrit", "delay_ratios_above_bcrit", "equal_rounds"} <= set(out)
-        assert set(out["cells"]) == {f"b={b},H={H}" for b in (2, 8, 32, 128) for H in (1, 16)}
+        assert set(out["cells"]) == {f"b={b},H={H}" for b in (2, 8, 32, 128) for H in (1, 16, "adaptive")}
+        assert set(out["adaptive_vs_fixed"]["0.5"]) == {"b=2", "b=8", "b=32", "b=128"}
+        assert len(out["runs"]) == 12 and all(set(r["samples_to"]) == {"0.5"} for r in out["runs"])
         assert out["fit"]["0.5"]["B_simple"] > 0
     else:
         assert set(out["answer"]) == {"2000", "20000"} and set(out["results"]["2000"]) >= set(stn_data.METHODS)

@@ -62,6 +62,11 @@ REFUSED = [  # (overrides, world size, local world size, what the message must s
                                                  "first local step after a model average, and schedule=ddp has none"),
     (["ramp=noise_scale"], 1, 1, "ramp.name='noise_scale': needs >= 2 workers (the big batch is the all-reduced "
                                  "gradient), this launch has world size 1"),
+    (["schedule=noise_adaptive"], 1, 1, "schedule.name='noise_adaptive': needs >= 2 workers"),
+    (["schedule=noise_adaptive", "ramp=noise_scale"], 2, 1, "schedule.name='noise_adaptive': ramp=noise_scale also "
+                                                            "acts on the measured noise scale"),
+    (["schedule=noise_adaptive", "trainer.grad_accum_steps=2"], 2, 1, "trainer.grad_accum_steps=2: "
+                                                                      "schedule=noise_adaptive measures the gradient"),
     (["ramp=geometric", "ramp.b_max=16"], 2, 1, "ramp.b_max=16: is below the starting batch trainer.batch_size=32"),
     (["ramp=step", "ramp.b_max=8", "trainer.batch_size=9"], 2, 1, "ramp.b_max=8: is below the starting batch "
                                                                   "trainer.batch_size=9"),

@@ -344,6 +344,31 @@ def test_post_local_trains_on_its_defaults_and_records_its_switch(tmp_path: Path
     assert final["comm_rounds"] == 20 + 2  # H = 1 for 20 rounds, then H = 16 (steps 36, 40 with the final)
 
 
+def test_noise_adaptive_h_is_the_exact_floor_root_of_batch_over_noise_clipped() -> None:
+    from localsgd.schedules.noise_adaptive import NoiseAdaptive, NoiseAdaptiveConfig, noise_adaptive_h
+
+    assert [noise_adaptive_h(512, b, 1, 16) for b in (600, 512, 129, 128, 57, 32, 1)] == [1, 1, 1, 2, 2, 4, 16]
+    assert noise_adaptive_h(900, 100.0, 1, 16) == 3 and noise_adaptive_h(899, 100.0, 1, 16) == 2  # 9 exactly
+    assert noise_adaptive_h(64, 0.5, 2, 8) == 8 and noise_adaptive_h(64, 1000.0, 2, 8) == 2  # clipped
+    assert all(noise_adaptive_h(64, b, 1, 16) is None for b in (float("nan"), float("inf"), 0.0, -3.0))
+    s = NoiseAdaptive(H_min=1, H_max=16, H_start=2)
+    assert s.should_sync(2) and not s.should_sync(1)  # H_start before any estimate
+    s.observe_noise_scale(float("nan"), 0, 512)  # an unusable estimate changes nothing
+    s.advance(2)
+    assert s.next_sync_step == 4
+    s.observe_noise_scale(32.0, 2, 512)  # sqrt(16) = 4 from the next round on
+    assert s.fingerprint() == 4 and s.history == [(2, 32.0, 4)]
+    s.advance(4)
+    assert s.next_sync_step == 8
+    t = NoiseAdaptive(H_start=2)
+    t.load_state_dict(s.state_dict())
+    assert (t.H, t.next_sync_step, t.history) == (4, 8, s.history)
+    bad = {k for k, _, _ in NoiseAdaptiveConfig(H_min=2, H_start=1).problems()}
+    assert bad == {"H_start"} and {k for k, _, _ in NoiseAdaptiveConfig(H_max=0).problems()} == {"H_max"}
+    with pytest.raises(ValueError, match="1 <= H_min <= H_start <= H_max"):
+        NoiseAdaptive(H_min=4, H_max=2)
+
+
 def test_every_schedule_yaml_has_a_registered_config_and_back() -> None:
     """A schedule is its file, its YAML and its test: the registry and configs/schedule/ list the same names."""
     yaml_names = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "schedule").glob("*.yaml"))

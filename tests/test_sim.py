@@ -25,7 +25,10 @@ EXTRA = [["schedule=fixed", "schedule.H=3", "ramp=linear", "ramp.b_end=16", "tra
          ["schedule=hierarchical", "schedule.H_group=2", "schedule.H_global=6", "schedule.group_size=2",
           "outer=nesterov", "trainer.max_steps=48"],
          ["schedule=adacomm", "trainer.max_steps=48", "optimizer.lr_decay=step"],
-         ["schedule=patel_dieuleveut", "schedule.adaptive=true", "trainer.max_steps=48", "outer=slowmo"]]
+         ["schedule=patel_dieuleveut", "schedule.adaptive=true", "trainer.max_steps=48", "outer=slowmo"],
+         # H from the measured noise scale: the probe's all-reduced estimate and the simulator's agree
+         ["schedule=noise_adaptive", "schedule.measure_every_rounds=1", "schedule.warmup_measurements=1",
+          "trainer.batch_size=128", "trainer.max_steps=60"]]
 
 
 def _cases(workers: int) -> list[list[str]]:
@@ -56,6 +59,9 @@ def test_simulated_workers_equal_real_gloo_ranks_in_float64(workers: int) -> Non
     assert far > 1e-3
     stich = [s for c, s in zip(cases, sims) if "schedule=stich" in c][0]
     assert stich.syncs[0].step == int((200 / (workers * 2)) ** 0.5) > 1
+    adaptive = [s for c, s in zip(cases, sims) if "schedule=noise_adaptive" in c][0]
+    gaps = {b.step - a.step for a, b in zip(adaptive.syncs, adaptive.syncs[1:])}
+    assert workers != 2 or len(gaps) > 1, gaps  # at K = 2 the measured noise scale does move H
 
 
 def test_one_simulated_worker_is_plain_training_bit_for_bit() -> None:

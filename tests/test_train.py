@@ -364,6 +364,26 @@ def test_noise_scale_ramp_measures_and_logs(tmp_path: Path) -> None:
     assert summary["noise_scale_bytes"] == 20 * 8 * (n_params + 1)
 
 
+def test_noise_adaptive_schedule_sets_h_from_the_probe_on_two_ranks(tmp_path: Path) -> None:
+    import math
+
+    run = tmp_path / "run"
+    proc = torchrun(tmp_path, run, [*TINY, "schedule=noise_adaptive", "schedule.measure_every_rounds=1",
+                                    "schedule.warmup_measurements=1", "trainer.batch_size=320", "checkpoint=off",
+                                    "trainer.log_every=1"])
+    assert proc.returncode == 0, output(proc)  # the ranks agreed on every H (the engine checks each round)
+    train = records(run, "train")
+    summary = json.loads((run / "summary.json").read_text())
+    history = summary["h_history"]  # [step, H] at each change, starting at H_start = 1
+    assert history[0] == [0, 1] and len({h for _, h in history}) >= 3, history
+    # every H it chose is the rule's H = isqrt(floor(K·b / B_simple)) for an estimate the run logged
+    rule = {min(math.isqrt(math.floor(2 * 320 / r["b_simple"])), 16) for r in train if r["b_simple"]}
+    assert {h for _, h in history[1:]} <= rule, (history, rule)
+    # one measurement at the first step of every round that has one: an extra gradient all-reduce each
+    n_params = 64 * 32 + 32 + 32 * 10 + 10
+    assert summary["noise_scale_bytes"] == summary["comm_rounds"] * 8 * (n_params + 1)
+
+
 @pytest.mark.long
 def test_a_finished_run_is_not_trained_again_a_fresh_start_sets_old_outputs_aside_and_a_busy_dir_is_refused(
         tmp_path: Path) -> None:

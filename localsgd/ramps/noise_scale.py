@@ -214,8 +214,9 @@ class NoiseScaleRamp(BatchRamp):
         per_worker = b_simple / self.world_size
         return self.b_max if per_worker >= self.b_max else min(max(round_batch(per_worker), self.b_min), self.b_max)
 
-    def observe_noise_scale(self, b_simple: float, step: int) -> None:
-        """Raise the batch to the target of an all-reduced B_simple estimate (never lowers it)."""
+    def observe_noise_scale(self, b_simple: float, step: int, global_batch: int | None = None) -> None:
+        """Raise the batch to the target of an all-reduced B_simple estimate (never lowers it).
+        ``global_batch`` (the measured round's K·b) is the probe's for every observer; the ramp needs none."""
         check_step(step)
         self.last_b_simple = float(b_simple)
         if math.isfinite(self.last_b_simple) and self.last_b_simple > 0:

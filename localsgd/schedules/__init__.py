@@ -15,6 +15,7 @@ from .base import SCHEDULES, RunInfo, SyncSchedule
 from .ddp import DDPConfig
 from .fixed import Fixed, FixedConfig, OneShot, OneShotConfig
 from .hierarchical import Hierarchical, HierarchicalConfig
+from .noise_adaptive import NoiseAdaptive, NoiseAdaptiveConfig
 from .lupa import QSR, Lupa, LupaConfig, QSRConfig
 from .patel_dieuleveut import AdaptivePD, PatelDieuleveut, PatelDieuleveutConfig
 from .post_local import PostLocal, PostLocalConfig
@@ -22,9 +23,9 @@ from .stich import Stich, StichConfig
 
 # Importing a schedule's module registers its config; the configs are public for typed use.
 __all__ = ["SyncSchedule", "Fixed", "OneShot", "Stich", "PatelDieuleveut", "AdaptivePD", "PostLocal", "AdaComm",
-           "Lupa", "QSR", "Hierarchical", "SCHEDULES", "build", "RunInfo",
-           "AdaCommConfig", "DDPConfig", "FixedConfig", "HierarchicalConfig", "LupaConfig", "OneShotConfig",
-           "PatelDieuleveutConfig", "PostLocalConfig", "QSRConfig", "StichConfig"]
+           "Lupa", "QSR", "Hierarchical", "NoiseAdaptive", "SCHEDULES", "build", "RunInfo",
+           "AdaCommConfig", "DDPConfig", "FixedConfig", "HierarchicalConfig", "LupaConfig", "NoiseAdaptiveConfig",
+           "OneShotConfig", "PatelDieuleveutConfig", "PostLocalConfig", "QSRConfig", "StichConfig"]
 
 
 def build(cfg: Any, run: RunInfo) -> SyncSchedule | None:

@@ -119,6 +119,9 @@ class Simulator:
     at one point, on K disjoint batches of b, so McCandlish et al.'s two-batch estimator (arXiv
     1812.06162, App. A.1) gets its small batch (one worker's, b) and its big one (their mean, K·b);
     :attr:`noise` lists ``(step, |G|² estimate, tr Σ estimate)``, B_simple = tr Σ/|G|².
+    A schedule that observes the noise scale (``schedule=noise_adaptive``) is fed as the trainer's
+    probe feeds it: at those points, every ``measure_every_rounds`` global rounds, through the same
+    EMA estimator, with the round's global batch K·b.
     """
 
     def __init__(self, cfg: TrainConfig, workers: int, *, dtype: torch.dtype = torch.float32,
@@ -162,6 +165,13 @@ class Simulator:
         # one node: a hierarchical schedule's groups default to all workers, as torchrun's would
         self.schedule = build_schedule(cfg, self.K, self.K)
         self.group_size = getattr(self.schedule, "group_size", None)
+        # a schedule acting on B_simple gets the trainer's probe: the same estimator, at the same points
+        self.noise_observer = self.schedule if getattr(self.schedule, "observes_noise_scale", False) else None
+        if self.noise_observer is not None:
+            sc = cfg.schedule
+            self.estimator = ramp_lib.NoiseScaleEstimator(1, self.K, ema=sc.ema, discard_first=sc.warmup_measurements)
+            self.measure_every = sc.measure_every_rounds
+        self.global_rounds = 0  # global averages so far, as the engine's stats.rounds counts them
         if self.group_size is not None and (self.group_size < 1 or self.K % self.group_size):
             raise ConfigError(f"invalid simulation: hierarchical group_size {self.group_size} does not divide "
                               f"workers={self.K}")
@@ -193,20 +203,27 @@ class Simulator:
             self._last_lr = lr
         idx = self.shards.next_indices(b).to(self.device)
         grads, losses = self._grad(tuple(p.detach() for p in self.replicas), self.x_train[idx], self.y_train[idx])
-        if self.measure_noise and self._at_average:
-            self.noise.append((step, *self._noise_estimates(grads, b)))
+        observe = (self.noise_observer is not None and self._at_average
+                   and self.global_rounds % self.measure_every == 0)
+        if self._at_average and (self.measure_noise or observe):
+            small, big = self._gradient_norms(grads)
+            if self.measure_noise:
+                self.noise.append((step, *ramp_lib.two_batch_estimates(small, big, b, self.K * b)))
+            if observe:
+                self.estimator.update(small, big, b_small=b, b_big=self.K * b)
+                self.noise_observer.observe_noise_scale(self.estimator.b_simple(), step, self.K * b)
         self._at_average = False
         for p, g in zip(self.replicas, grads):
             p.grad = g
         self.optimizer.step()
         return losses.detach()
 
-    def _noise_estimates(self, grads: tuple[torch.Tensor, ...], b: int) -> tuple[float, float]:
-        """(|G|², tr Σ) from K gradients at one point: |g_k|² averaged (batch b) and |mean g_k|² (batch K·b)."""
+    def _gradient_norms(self, grads: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+        """The two batches' squared norms from K gradients at one point: |g_k|² averaged over the workers
+        (batch b) and |mean_k g_k|² (batch K·b), as the trainer's probe all-reduces them."""
         flat = torch.cat([g.reshape(self.K, -1).double() for g in grads], dim=1)
-        small = float((flat * flat).sum(dim=1).mean())
         mean = flat.mean(dim=0)
-        return ramp_lib.two_batch_estimates(small, float(mean @ mean), b, self.K * b)
+        return float((flat * flat).sum(dim=1).mean()), float(mean @ mean)
 
     # ------------------------------------------------------------------ the average
     def _average(self, group_size: int) -> None:
@@ -244,6 +261,7 @@ class Simulator:
             self._outer_step()
             self.last_global_sync_step = step
             self._at_average = True
+            self.global_rounds += advance_schedule  # finalize()'s average is the run's end, not a round
         record = SyncRecord(step, size, round_loss, float(self.optimizer.param_groups[0]["lr"]))
         self.syncs.append(record)
         if advance_schedule:

@@ -3,7 +3,8 @@
 Each rank builds its components from the config exactly as the trainer does (seeded init, the
 optimizer plugin and its own step, ramp, schedule, outer optimizer, the rank's
 :class:`~localsgd.sampler.ShardSampler`), in ``dtype``, and runs the trainer's loop body without its
-logging and checkpoints: batch, ``plugin.train_step``, ``LocalSGD.step``; then ``finalize``. Run it with
+logging and checkpoints: the step hooks' ``before_step`` (the noise-scale probe of a schedule that
+observes it), batch, ``plugin.train_step``, ``LocalSGD.step``; then ``finalize``. Run it with
 :func:`localsgd.testing.ranks.run_ok` (``tests/test_sim.py``, ``benchmarks/sim.py``).
 """
 
@@ -30,7 +31,8 @@ def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.
     the steps after which an average happened (equal on every rank) and the loop's seconds."""
     import time
 
-    from ..trainer import build_schedule, seed_everything, step_lr
+    from ..hooks import overriding
+    from ..trainer import build_hooks, build_schedule, seed_everything, step_lr
 
     out = []
     for cfg in cfgs:
@@ -51,11 +53,14 @@ def gloo_reference(rank: int, world: int, cfgs: list[TrainConfig], dtype: torch.
         sampler = ShardSampler(data.num_train, rank, world, tc.seed)
         x, y = data.x_train.to(dtype), data.y_train
         ctx = optim_lib.StepContext(loss_fn=data.loss_fn)
+        before_step = overriding(build_hooks(cfg, ramp, comm, world, lambda: False), "before_step")
         synced_at = []
         start = time.perf_counter()
         for step in range(tc.max_steps):
             b = ramp.batch_size(step)
             ctx.lr_scale = ramp.lr_scale(step, b, tc.batch_size, tc.lr_batch_coupling)
+            for hook in before_step:
+                hook(step, b, ctx)
             idx = sampler.next_indices(b)
             loss = plugin.train_step(model, (x[idx], y[idx]), step, ctx).loss
             if comm.step(loss=loss):
