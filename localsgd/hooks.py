@@ -25,7 +25,6 @@ from torch import nn
 
 from . import dist
 from .optim.base import StepContext
-from .ramps.base import BatchRamp
 from .ramps.noise_scale import NoiseScaleEstimator
 from .schedules.stich import WeightedIterateAverage, stich_lr
 from .testing.faults import FaultInjector

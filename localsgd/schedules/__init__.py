@@ -15,8 +15,8 @@ from .base import SCHEDULES, RunInfo, SyncSchedule
 from .ddp import DDPConfig
 from .fixed import Fixed, FixedConfig, OneShot, OneShotConfig
 from .hierarchical import Hierarchical, HierarchicalConfig
-from .noise_adaptive import NoiseAdaptive, NoiseAdaptiveConfig
 from .lupa import QSR, Lupa, LupaConfig, QSRConfig
+from .noise_adaptive import NoiseAdaptive, NoiseAdaptiveConfig
 from .patel_dieuleveut import AdaptivePD, PatelDieuleveut, PatelDieuleveutConfig
 from .post_local import PostLocal, PostLocalConfig
 from .stich import Stich, StichConfig
