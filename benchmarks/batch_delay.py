@@ -15,7 +15,8 @@ local SGD with H steps of b against minibatch SGD of batch H·b per round): whic
 Measured with :mod:`localsgd.sim`: K = 16 workers, MNIST-1D (20,000 samples, 16,000 for training),
 the 1-D CNN, SGD with momentum 0.9 (per-worker state kept across averages), constant LR, per-worker
 batch b ∈ {2, 8, 32, 128} (global 32 to 2,048), H ∈ {1, 4, 16}, a 3-point LR grid per cell
-(η_b × {½, 1, 2}, η_b = 0.05·√(b/8)), a budget of 16 epochs (256,000 samples), 3 seeds. The
+(η_b × {½, 1, 2}, η_b = 0.05·√(b/8); where a cell's best LR is an end of its grid, the grid is widened
+by a factor 2 that way, twice at most), a budget of 16 epochs (256,000 samples), 3 seeds. The
 averaged model's training loss (on the first 4,096 training samples) is measured at the first
 average after every 4,096 samples drawn; a cell's samples to a target is the mean over seeds of
 the first such point at or below the target, at the LR with the lowest mean (∞ when a seed misses).
@@ -61,6 +62,7 @@ from localsgd.sim import Simulator, sim_config  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 K, TRAIN, EVAL_SAMPLES, CHECK_EVERY = 16, 16_000, 4096, 4096
 TARGETS = (0.5, 0.25)  # training losses (MNIST-1D's cnn1d starts at ln 10 = 2.30)
+MAX_EXTENSIONS = 2  # rounds of widening a cell's LR grid whose best LR is on its edge
 BASE = ["data=mnist1d", "data.num_samples=20000", "model=cnn1d", "optimizer=sgd", "optimizer.lr_decay=none",
         "checkpoint=off"]
 ADAPTIVE = "adaptive"  # the H of a schedule=noise_adaptive cell (its defaults: H in [1, 16], measured every 4 rounds)
@@ -147,6 +149,18 @@ def cell_summary(runs: list[dict], targets: tuple[float, ...]) -> dict:
     return out
 
 
+def extension(results: list[dict], cell: str, targets: tuple[float, ...]) -> list[float]:
+    """The LRs to add to a cell's grid: half its lowest or twice its highest where that edge is the best
+    LR for a target the cell reaches, so that no cell's optimum sits on the edge of what was tried."""
+    runs = [r for r in results if r["cell"] == cell]
+    lrs = sorted({r["lr"] for r in runs})
+    out = set()
+    for d in cell_summary(runs, targets)["per_target"].values():
+        if math.isfinite(d["samples"]) and d["lr"] in (lrs[0], lrs[-1]):
+            out.add(lrs[0] / 2 if d["lr"] == lrs[0] else lrs[-1] * 2)
+    return sorted(out)
+
+
 def fit_minibatch(points: list[tuple[int, float]]) -> dict | None:
     """Least squares of S = S_min + E_min/B over (B, S) of H = 1 (McCandlish et al., Eq. 2.11); B_crit = E_min/S_min."""
     if len(points) < 2:
@@ -178,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     columns = [*hs, ADAPTIVE]
     jobs = [Job(b, H, centre_lr(b) * m, s, epochs * TRAIN) for b in bs for H in columns for m in mults for s in seeds]
     results = run_all(jobs, args.processes, fn=run_job, cost=lambda j: j.samples / j.b ** 0.7)
+    for _ in range(MAX_EXTENSIONS if len(mults) > 1 else 0):  # the best LR of every cell inside its grid
+        more = [Job(b, H, lr, s, epochs * TRAIN) for b in bs for H in columns
+                for lr in extension(results, f"b={b},H={H}", targets) for s in seeds]
+        if not more:
+            break
+        results += run_all(more, args.processes, fn=run_job, cost=lambda j: j.samples / j.b ** 0.7)
     cells = {}
     for b in bs:
         for H in columns:

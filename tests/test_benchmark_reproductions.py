@@ -64,6 +64,17 @@ def test_a_cell_takes_the_lr_with_the_fewest_mean_samples_and_a_missed_seed_rule
     assert out["lowest_loss"] == 0.2 and out["lr_at_grid_edge"] == {"0.5": True}
 
 
+def test_a_cell_whose_best_lr_is_an_end_of_its_grid_gets_the_next_lr_that_way() -> None:
+    def runs(best: float) -> list[dict]:  # reaches 0.5 first at ``best``, later at the others
+        return [_run(lr, 0, [(4096 if lr == best else 8192, 32, 8, 0.4, 1.0)]) for lr in (0.05, 0.1, 0.2)]
+
+    assert batch_delay.extension(runs(0.2), "b=8,H=4", (0.5,)) == [0.4]
+    assert batch_delay.extension(runs(0.05), "b=8,H=4", (0.5,)) == [0.025]
+    assert batch_delay.extension(runs(0.1), "b=8,H=4", (0.5,)) == []  # inside: nothing to add
+    missed = [_run(lr, 0, [(8192, 64, 16, 0.9, 1.0)]) for lr in (0.05, 0.1, 0.2)]
+    assert batch_delay.extension(missed, "b=8,H=4", (0.5,)) == []  # no LR reached it: no edge to move
+
+
 @pytest.mark.timeout(120)
 def test_a_run_checks_the_averaged_model_at_the_first_sync_after_every_4096_samples() -> None:
     job = batch_delay.Job(b=8, H=4, lr=0.05, seed=0, samples=5 * batch_delay.CHECK_EVERY)
