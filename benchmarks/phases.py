@@ -19,7 +19,7 @@ factor F ∈ {4, 16, 64} (global 512 to 8,192), with three LR rules per phase:
 against the constant batch 128 (``constant``). Reported: test accuracy and loss after the budget
 (mean ± std over seeds) and the number of steps (sequential rounds).
 
-    python benchmarks/phases.py           # F ∈ {4, 16, 64}, 8 epochs, 3 seeds (about 3 min on 2 cores)
+    python benchmarks/phases.py           # F ∈ {4, 16, 64}, 8 epochs, 3 seeds (about 100 s on 2 cores)
     python benchmarks/phases.py --quick   # F = 16, 2 epochs, 1 seed (under 60 s)
 
 Writes ``results/phases[_quick].png`` (test accuracy against the final batch factor per LR rule) and
