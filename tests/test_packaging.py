@@ -55,6 +55,33 @@ def report(proc: subprocess.CompletedProcess[str]) -> str:
 # ---------------------------------------------------------------------------------------------- fast
 
 
+def _wheel_stage_copies(dockerfile: Path) -> list[str]:
+    """The source paths a Dockerfile's ``AS wheel`` stage copies (its COPY lines, flags dropped)."""
+    copies, in_stage = [], False
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            in_stage = words[-2:] == ["AS", "wheel"]
+        elif in_stage and words[:1] == ["COPY"]:
+            copies += [w for w in words[1:-1] if not w.startswith("--")]
+    return copies
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_the_dockerfiles_build_the_wheel_from_what_the_wheel_test_builds_and_run_the_main_job(name: str) -> None:
+    # No Docker engine runs here: the image's wheel stage is held to the sources the wheel test below
+    # builds and installs (one list), and its command to the main job under torchrun.
+    dockerfile = ROOT / name
+    assert sorted(_wheel_stage_copies(dockerfile)) == sorted(WHEEL_SOURCES)
+    assert "pip wheel --no-deps" in dockerfile.read_text()
+    (cmd,) = [json.loads(line[4:]) for line in dockerfile.read_text().splitlines() if line.startswith("CMD ")]
+    if cmd[:1] == ["bash"]:  # the GPU image: the launch script, one worker per GPU
+        script = (ROOT / cmd[1]).read_text()
+        assert "torchrun" in script and "-m localsgd.train" in script
+    else:
+        assert cmd[:1] == ["torchrun"] and cmd[-2:] == ["-m", "localsgd.train"]
+
+
 def test_import_localsgd_exposes_the_engine_companions(tmp_path: Path) -> None:
     probe = ("import localsgd, sys; "
              "localsgd.outer.NesterovOuter(); localsgd.schedules.Fixed(8); localsgd.engine.LocalSGD; "
