@@ -25,7 +25,7 @@ from torch import nn
 
 from . import dist
 from .optim.base import StepContext
-from .ramps.noise_scale import NoiseScaleEstimator
+from .ramps.noise_scale import NoiseScaleFeed
 from .schedules.stich import WeightedIterateAverage, stich_lr
 from .testing.faults import FaultInjector
 
@@ -67,15 +67,13 @@ class NoiseScaleProbe(StepHook):
 
     def __init__(self, cfg: Any, observer: Any, world: int, communicator: Any) -> None:
         # observer: the ramp or schedule that acts on B_simple (observe_noise_scale(b_simple, step, K·b))
-        self.observer, self.world, self.every = observer, world, cfg.measure_every_rounds
-        self.communicator = communicator
-        self.estimator = NoiseScaleEstimator(1, world, ema=cfg.ema, discard_first=cfg.warmup_measurements)
+        self.world, self.communicator = world, communicator
+        self.feed = NoiseScaleFeed(cfg, observer, world)
         self.bytes = 0
-        self.last_b_simple = float("nan")
 
     def before_step(self, step: int, batch_size: int, ctx: StepContext) -> None:
         c = self.communicator
-        due = c.in_sync and c.stats.rounds % self.every == 0
+        due = c.in_sync and self.feed.due(c.stats.rounds)
         ctx.after_backward = self._measure(step, batch_size) if due else None
 
     def _measure(self, step: int, batch_size: int) -> Any:
@@ -87,23 +85,21 @@ class NoiseScaleProbe(StepHook):
             self.bytes += buf.numel() * buf.element_size()
             small = float(buf[-1]) / self.world  # mean over workers of |g_k|^2 (lower variance)
             big = float((buf[:-1] / self.world).pow(2).sum())
-            self.estimator.update(small, big, b_small=batch_size, b_big=self.world * batch_size)
-            self.last_b_simple = self.estimator.b_simple()
-            self.observer.observe_noise_scale(self.last_b_simple, step, self.world * batch_size)
+            self.feed.feed(small, big, batch_size, step)
 
         return measure
 
     def record(self) -> dict[str, Any]:
-        return {"b_simple": self.last_b_simple}
+        return {"b_simple": self.feed.last_b_simple}
 
     def summary(self) -> dict[str, Any]:
         return {"noise_scale_bytes": self.bytes}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"estimator": self.estimator.state_dict(), "bytes": self.bytes}
+        return {"estimator": self.feed.estimator.state_dict(), "bytes": self.bytes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.estimator.load_state_dict(state["estimator"])
+        self.feed.estimator.load_state_dict(state["estimator"])
         self.bytes = int(state["bytes"])
 
 

@@ -22,6 +22,7 @@ from .goyal import coupled_lr
 from .linear import LinearRamp, LinearRampConfig
 from .noise_scale import (
     NoiseScaleEstimator,
+    NoiseScaleFeed,
     NoiseScaleRamp,
     NoiseScaleRampConfig,
     mccandlish_lr_multiplier,
@@ -41,6 +42,7 @@ __all__ = [
     "LinearRamp",
     "LinearRampConfig",
     "NoiseScaleEstimator",
+    "NoiseScaleFeed",
     "NoiseScaleRamp",
     "NoiseScaleRampConfig",
     "NoneRampConfig",

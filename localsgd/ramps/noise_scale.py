@@ -152,6 +152,32 @@ class NoiseScaleEstimator:
         self.last_grad_sq, self.last_trace_sigma = float(state["last_grad_sq"]), float(state["last_trace_sigma"])
 
 
+class NoiseScaleFeed:
+    """Measurements in, B_simple out to the component that acts on it (a ramp, or a schedule such as
+    ``noise_adaptive``): the EMA estimator, its cadence (every ``measure_every_rounds`` rounds) and the
+    hand-over, shared by the trainer's probe (:class:`localsgd.hooks.NoiseScaleProbe`) and the simulator.
+
+    ``cfg`` carries ``ema``, ``measure_every_rounds`` and ``warmup_measurements``; ``observer`` has
+    ``observe_noise_scale(b_simple, step, global_batch)``.
+    """
+
+    def __init__(self, cfg: Any, observer: Any, world_size: int) -> None:
+        self.observer, self.world, self.every = observer, int(world_size), int(cfg.measure_every_rounds)
+        self.estimator = NoiseScaleEstimator(1, world_size, ema=cfg.ema, discard_first=cfg.warmup_measurements)
+        self.last_b_simple = math.nan
+
+    def due(self, rounds: int) -> bool:
+        """Whether the first local step after ``rounds`` completed averages measures."""
+        return rounds % self.every == 0
+
+    def feed(self, sq_norm_small_mean: float, sq_norm_big: float, batch_size: int, step: int) -> None:
+        """One measurement at ``step``: the workers' mean |g_k|² (batch b) and |mean g_k|² (batch K·b)."""
+        global_batch = self.world * batch_size
+        self.estimator.update(sq_norm_small_mean, sq_norm_big, b_small=batch_size, b_big=global_batch)
+        self.last_b_simple = self.estimator.b_simple()
+        self.observer.observe_noise_scale(self.last_b_simple, step, global_batch)
+
+
 class NoiseScaleRamp(BatchRamp):
     """b_t = clip(round(B_simple / K), b_min, b_max), raised only when an estimate calls for more.
 

@@ -165,12 +165,9 @@ class Simulator:
         # one node: a hierarchical schedule's groups default to all workers, as torchrun's would
         self.schedule = build_schedule(cfg, self.K, self.K)
         self.group_size = getattr(self.schedule, "group_size", None)
-        # a schedule acting on B_simple gets the trainer's probe: the same estimator, at the same points
-        self.noise_observer = self.schedule if getattr(self.schedule, "observes_noise_scale", False) else None
-        if self.noise_observer is not None:
-            sc = cfg.schedule
-            self.estimator = ramp_lib.NoiseScaleEstimator(1, self.K, ema=sc.ema, discard_first=sc.warmup_measurements)
-            self.measure_every = sc.measure_every_rounds
+        # a schedule acting on B_simple is fed as the trainer's probe feeds it, at the same points
+        self.noise_feed = (ramp_lib.NoiseScaleFeed(cfg.schedule, self.schedule, self.K)
+                           if getattr(self.schedule, "observes_noise_scale", False) else None)
         self.global_rounds = 0  # global averages so far, as the engine's stats.rounds counts them
         if self.group_size is not None and (self.group_size < 1 or self.K % self.group_size):
             raise ConfigError(f"invalid simulation: hierarchical group_size {self.group_size} does not divide "
@@ -203,15 +200,13 @@ class Simulator:
             self._last_lr = lr
         idx = self.shards.next_indices(b).to(self.device)
         grads, losses = self._grad(tuple(p.detach() for p in self.replicas), self.x_train[idx], self.y_train[idx])
-        observe = (self.noise_observer is not None and self._at_average
-                   and self.global_rounds % self.measure_every == 0)
-        if self._at_average and (self.measure_noise or observe):
+        feed = self.noise_feed is not None and self._at_average and self.noise_feed.due(self.global_rounds)
+        if self._at_average and (self.measure_noise or feed):
             small, big = self._gradient_norms(grads)
             if self.measure_noise:
                 self.noise.append((step, *ramp_lib.two_batch_estimates(small, big, b, self.K * b)))
-            if observe:
-                self.estimator.update(small, big, b_small=b, b_big=self.K * b)
-                self.noise_observer.observe_noise_scale(self.estimator.b_simple(), step, self.K * b)
+            if feed:
+                self.noise_feed.feed(small, big, b, step)
         self._at_average = False
         for p, g in zip(self.replicas, grads):
             p.grad = g
