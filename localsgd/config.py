@@ -217,6 +217,8 @@ class LoaderConfig:
     pin_memory: bool = False
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    # spawn: workers start clean (a fork of a rank whose threads hold a lock can hang; localsgd.data.loader)
+    start_method: str = "spawn"
 
     def problems(self) -> Iterator[tuple[str, Any, str]]:
         if self.mode not in ("auto", "dataloader"):
@@ -225,6 +227,9 @@ class LoaderConfig:
             yield "num_workers", self.num_workers, "must be in [0, 256]"
         if self.prefetch_factor < 1:
             yield "prefetch_factor", self.prefetch_factor, "must be >= 1"
+        if self.start_method not in ("spawn", "fork"):
+            yield "start_method", self.start_method, ("must be spawn or fork (a fork server's workers outlive a "
+                                                      "killed rank)")
 
 
 @dataclass

@@ -71,7 +71,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         data = data.without_train_rows(validation.train_index)
     lc = cfg.loader
     data = data_lib.loaded(data, lc.mode, data_lib.LoaderOptions(lc.num_workers, lc.pin_memory,
-                                                                 lc.persistent_workers, lc.prefetch_factor))
+                                                                 lc.persistent_workers, lc.prefetch_factor,
+                                                                 lc.start_method))
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
     if ramp.observes_noise_scale and isinstance(data, data_lib.MapStyleData):
         raise ConfigError("invalid config: ramp=noise_scale: decides each batch at run time, and a DataLoader "
@@ -202,6 +203,7 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         hook.finish(comm)
     final_step = max(start_step, tc.max_steps)
     ev = evaluate_averaged(model, comm, data, tc.eval_batch_size, device)
+    data.close()
     if cfg.checkpoint.enable and start_step < tc.max_steps:
         save(final_step)
     progress.close()

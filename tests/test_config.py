@@ -81,6 +81,7 @@ def test_a_progress_merge_takes_no_mix() -> None:
     ("sync.fragments=0", "sync.fragments=0: must be >= 1"),
     ("sync.delay=-1", "sync.delay=-1: must be >= 0"),
     ("sync.error_feedback=true", "sync.error_feedback=True: needs a lossy sync.compress"),
+    ("loader.start_method=forkserver", "loader.start_method='forkserver': must be spawn or fork"),
     ("checkpoint.keep_latest_k=0", "checkpoint.keep_latest_k=0"),
     ("checkpoint.every_rounds=0", "checkpoint.every_rounds=0"),
     ("logging.wandb=cloud", "logging.wandb='cloud'"),

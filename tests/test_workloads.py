@@ -377,6 +377,8 @@ def _digits():
     return DigitsConfig().build()
 
 
+# Forked workers here: the order does not depend on how a worker starts, and twelve spawns (each imports
+# torch) would cost 20 s; the spawned default is covered by the test below and the torchrun tests.
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_loader_stream_gives_the_in_memory_streams_batches_and_resumes_mid_epoch(workers: int) -> None:
     from localsgd.data import LoaderOptions, loaded
@@ -388,7 +390,7 @@ def test_the_loader_stream_gives_the_in_memory_streams_batches_and_resumes_mid_e
     for rank, world in ((0, 1), (1, 2)):
         ref = ds.train_stream(rank, world, seed=3, device=cpu)
         want = [ref.next_batch(b) for b in sizes if b]
-        data = loaded(ds, "dataloader", LoaderOptions(num_workers=workers, prefetch_factor=2))
+        data = loaded(ds, "dataloader", LoaderOptions(num_workers=workers, prefetch_factor=2, start_method="fork"))
         stream = data.train_stream(rank, world, seed=3, device=cpu)
         stream.start(plan, 0, len(sizes))
         got = [stream.next_batch(b) for b in sizes[:7] if b]
@@ -419,6 +421,40 @@ def test_map_style_evaluation_covers_the_test_set_once_over_ranks() -> None:
     assert data.input_shape == ds.input_shape and data.num_train == len(ds.y_train)
 
 
+_FORKED_MARK = "unset"  # the test sets it in this process: a forked worker inherits it, a spawned one does not
+
+
+class _WorkerIdentity(torch.utils.data.Dataset):
+    """Items that say which process made them and what it saw of ``_FORKED_MARK``."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([float(os.getpid()), float(_FORKED_MARK == "set")]), torch.tensor(i)
+
+
+def test_evaluation_workers_are_spawned_started_once_for_every_evaluation_and_stopped_by_close() -> None:
+    global _FORKED_MARK
+    from localsgd.data import LoaderOptions, MapStyleData
+
+    _FORKED_MARK = "set"
+    try:
+        data = MapStyleData(_WorkerIdentity(), _WorkerIdentity(), 2, options=LoaderOptions(num_workers=2))
+        cpu = torch.device("cpu")
+        passes = [torch.cat([x for x, _ in data.eval_batches(0, 1, 3, cpu)]) for _ in range(3)]
+    finally:
+        _FORKED_MARK = "unset"
+    pids = {int(p) for p in passes[0][:, 0]}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all({int(p) for p in x[:, 0]} == pids for x in passes)  # the same two workers served every pass
+    assert all(x[:, 1].sum() == 0 for x in passes)  # spawned: they never saw the mark set in this process
+    data.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 LOADER_RUN = ["data=digits", "model=mlp", "model.hidden=[32]", "model.dropout=0.2", "trainer=smoke",
               "trainer.max_steps=16", "trainer.log_every=1", "schedule.H=2", "checkpoint.every_rounds=1",
               "checkpoint.keep_latest_k=3", "ramp=step", "ramp.milestones=[0.5]", "ramp.b_max=32"]
@@ -439,6 +475,7 @@ def test_dataloader_runs_equal_the_in_memory_run_and_resume_after_a_kill_with_tw
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same samples in the same order, dropout included
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_user_model_and_dataset_read_from_disk_by_loader_workers_train_under_torchrun(tmp_path: Path) -> None:
     run = tmp_path / "run"

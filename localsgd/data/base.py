@@ -85,6 +85,9 @@ class TrainingData:
     def eval_batches(self, rank: int, world: int, batch_size: int, device: torch.device) -> Iterator[Batch]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what evaluation holds (a loader's worker processes); the run's end calls it."""
+
 
 class InMemoryStream:
     """Batches indexed out of tensors already on the device: the sampler's indices, one gather each."""

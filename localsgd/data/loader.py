@@ -14,9 +14,16 @@ that draws no data), and the *consumer*, advanced by each batch the loop takes, 
 checkpoint records. A resume restarts the producer from the consumer's position, so it continues with
 exactly the samples the uninterrupted run would have drawn, whatever ``num_workers`` is. The loader makes
 one pass over the whole run, so its workers live as long as the run (``persistent_workers`` only
-matters across passes); they are seeded from a generator of their own (the run seed and the rank), never
-from the global RNG that dropout draws from. A ramp that decides its batch at run time
-(``ramp=noise_scale``) cannot be planned ahead, and is refused with this path by ``config.check_config``.
+matters across passes). They are *spawned* by default (``loader.start_method``): a rank runs Gloo's and
+the interpreter's threads, and a process forked from it can inherit a lock one of them held at that instant
+and wait on it forever (CPython 3.11 was seen to stop in ``PyOS_AfterFork_Child``), which stalls the rank and
+times out its peers' collectives. Spawned workers start clean and watch their parent, so they also exit
+when a rank is killed; the price is a second or two at start and a dataset that pickles (``fork`` stays
+available for one that does not). A fork server is not offered: its workers keep it alive and it keeps
+them alive, so a killed rank's workers would never exit. Workers are seeded from a generator of their own
+(the run seed and the rank), never from the global RNG that dropout draws from. A ramp that decides its
+batch at run time (``ramp=noise_scale``) cannot be planned ahead, and is refused with this path by
+``config.check_config``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class LoaderOptions:
     pin_memory: bool = False
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    start_method: str = "spawn"
 
 
 @dataclass
@@ -57,6 +65,8 @@ class MapStyleData(TrainingData):
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     reports_accuracy: bool = True
     options: LoaderOptions = field(default_factory=LoaderOptions)
+    _eval_loaders: dict[tuple[int, int, int, str], DataLoader] = field(default_factory=dict, repr=False,
+                                                                       compare=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -73,17 +83,27 @@ class MapStyleData(TrainingData):
                           pin_memory=o.pin_memory and device.type == "cuda",
                           persistent_workers=o.persistent_workers and workers,
                           prefetch_factor=o.prefetch_factor if workers else None,
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator().manual_seed(seed),
+                          multiprocessing_context=o.start_method if workers else None)
 
     def train_stream(self, rank: int, world: int, seed: int, device: torch.device) -> LoaderStream:
         return LoaderStream(self, ShardSampler(self.num_train, rank, world, seed), seed * 1_000_003 + 31 * (rank + 1),
                             device)
 
     def eval_batches(self, rank: int, world: int, batch_size: int, device: torch.device) -> Iterator[Batch]:
-        mine = list(range(rank, len(self.test), world))
-        batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-        for x, y in self._loader(self.test, batches, 0, device):
+        key = (rank, world, batch_size, str(device))
+        if key not in self._eval_loaders:  # one loader for every evaluation: its workers start once
+            mine = list(range(rank, len(self.test), world))
+            batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+            self._eval_loaders[key] = self._loader(self.test, batches, 0, device)
+        for x, y in self._eval_loaders[key]:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the evaluation loaders' workers (the training stream stops its own)."""
+        loaders, self._eval_loaders = self._eval_loaders, {}
+        for loader in loaders.values():
+            _shutdown(getattr(loader, "_iterator", None))
 
 
 def loaded(data: TrainingData, mode: str, options: LoaderOptions) -> TrainingData:
@@ -93,8 +113,15 @@ def loaded(data: TrainingData, mode: str, options: LoaderOptions) -> TrainingDat
         return MapStyleData(TensorDataset(data.x_train, data.y_train), TensorDataset(data.x_test, data.y_test),
                             data.num_classes, name=data.name, options=options)
     if isinstance(data, MapStyleData):
-        return replace(data, options=options)
+        return replace(data, options=options, _eval_loaders={})
     return data
+
+
+def _shutdown(batches: object) -> None:
+    """Stop a ``DataLoader`` iterator's workers now rather than when it is collected (or the rank exits)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class _PlannedBatches:
@@ -144,9 +171,7 @@ class LoaderStream:
     def close(self) -> None:
         """Stop the loader's workers (the run's end, or a restart of the plan)."""
         batches, self._batches = self._batches, None
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        _shutdown(batches)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

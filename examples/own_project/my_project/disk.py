@@ -31,8 +31,12 @@ class NpyPoints(TorchDataset):
     def __len__(self) -> int:
         return self.n
 
+    def __getstate__(self) -> dict[str, object]:
+        # What a spawned worker receives: the paths, never maps opened here (they would pickle as copies).
+        return {**self.__dict__, "_x": None, "_y": None}
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._x is None:  # after the fork: each worker maps the files itself
+        if self._x is None:  # in each worker: it maps the files itself
             self._x, self._y = np.load(self.x_path, mmap_mode="r"), np.load(self.y_path, mmap_mode="r")
         assert self._y is not None
         return torch.from_numpy(np.array(self._x[i])), torch.tensor(int(self._y[i]))
