@@ -381,7 +381,7 @@ def window_accuracy(window: list[optim_lib.StepOutput]) -> float:
         return float("nan")
     logits = torch.cat([o.logits for o in window])  # type: ignore[misc]
     targets = torch.cat([o.targets for o in window])  # type: ignore[misc]
-    return float((logits.argmax(dim=-1) == targets).double().mean())
+    return int((logits.argmax(dim=-1) == targets).sum()) / targets.numel()  # an exact count, one op fewer
 
 
 def comm_record(s: SyncStats) -> dict[str, Any]:

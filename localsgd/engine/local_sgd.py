@@ -261,8 +261,12 @@ class LocalSGD:
         ``loss`` (optional) lets the engine record the first non-finite step without a host sync.
         """
         self.local_step += 1
-        if loss is not None:
-            self._record_loss(loss)
+        if loss is not None:  # kept as a tensor (no kernel, no host sync), checked at the sync
+            if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss = loss.detach()
+            self._losses.append((self.local_step, loss))
+            if len(self._losses) >= 1024:  # a long round (or one_shot): fold into the first-bad record
+                self._fold_losses()
         if self.streaming is not None:
             return self.streaming.step()
         if self.schedule.should_sync(self.local_step):
@@ -463,14 +467,6 @@ class LocalSGD:
         return info
 
     # ------------------------------------------------------------------ non-finite values
-    def _record_loss(self, loss: torch.Tensor | float) -> None:
-        # Keep the step's loss tensor (no kernel launched, no host sync); checked at the sync.
-        if isinstance(loss, torch.Tensor) and loss.requires_grad:
-            loss = loss.detach()
-        self._losses.append((self.local_step, loss))
-        if len(self._losses) >= 1024:  # a long round (or one_shot): fold into the first-bad record
-            self._fold_losses()
-
     def _fold_losses(self) -> None:
         if self._first_nonfinite < 0 and self._losses:
             raw = [v for _, v in self._losses]

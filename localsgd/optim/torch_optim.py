@@ -115,8 +115,13 @@ class TorchOptimizerPlugin(OptimizerPlugin):
         self.cfg = cfg
         self.total_steps = total_steps
         self._last_lr = float("nan")  # the LR last written into the param groups
+        # A constant schedule is looked up once: the step's bookkeeping runs with the caches cold
+        # (the backward pass has just evicted them), so every call saved on it shows.
+        self._fixed_lr = cfg.lr if cfg.warmup_steps == 0 and cfg.lr_decay == "none" else None
 
     def lr(self, step: int) -> float:
+        if self._fixed_lr is not None:
+            return self._fixed_lr
         return self.cfg.lr_at_step(step, self.total_steps)
 
     def train_step(self, model: nn.Module, batch: Batch | None, step: int, ctx: StepContext) -> StepOutput:
