@@ -18,9 +18,10 @@ matters across passes). They are *spawned* by default (``loader.start_method``):
 the interpreter's threads, and a process forked from it can inherit a lock one of them held at that instant
 and wait on it forever (CPython 3.11 was seen to stop in ``PyOS_AfterFork_Child``), which stalls the rank and
 times out its peers' collectives. Spawned workers start clean and watch their parent, so they also exit
-when a rank is killed; the price is a second or two at start and a dataset that pickles (``fork`` stays
-available for one that does not). A fork server is not offered: its workers keep it alive and it keeps
-them alive, so a killed rank's workers would never exit. Workers are seeded from a generator of their own
+when a rank is killed; the price is a second or two at start, a dataset that pickles (``fork`` stays
+available for one that does not), and tensors moved into shared memory (``/dev/shm``) to reach them. A
+fork server is not offered: its workers keep it alive and it keeps them alive, so a killed rank's workers
+would never exit. Workers are seeded from a generator of their own
 (the run seed and the rank), never from the global RNG that dropout draws from. A ramp that decides its
 batch at run time (``ramp=noise_scale``) cannot be planned ahead, and is refused with this path by
 ``config.check_config``.
