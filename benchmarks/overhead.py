@@ -216,8 +216,7 @@ class Interleave(StepHook):
 
     def __init__(self, plain: Plain, chunk: int) -> None:
         self.plain, self.chunk = plain, chunk
-        self.twin = Plain.__new__(Plain)  # the plain loop's data and settings, stepping the trainer's model
-        self.twin.__dict__.update(plain.__dict__)
+        self.twin = copy.copy(plain)  # the plain loop's data and settings, to step the trainer's model
         self.mark: float | None = None
         self.times: dict[str, list[float]] = {"ours": [], "plain": [], "plain_on_our_model": []}
 

@@ -13,6 +13,7 @@ cursor, so a killed-and-resumed run ends bit-for-bit equal to an uninterrupted o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -69,10 +70,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
         validation = ValidationShard(data.x_train.to(device), data.y_train.to(device), plugin.validation_fraction,
                                      tc.batch_size, rank, world, tc.seed)
         data = data.without_train_rows(validation.train_index)
-    lc = cfg.loader
-    data = data_lib.loaded(data, lc.mode, data_lib.LoaderOptions(lc.num_workers, lc.pin_memory,
-                                                                 lc.persistent_workers, lc.prefetch_factor,
-                                                                 lc.start_method))
+    options = {f.name: getattr(cfg.loader, f.name) for f in dataclasses.fields(data_lib.LoaderOptions)}
+    data = data_lib.loaded(data, cfg.loader.mode, data_lib.LoaderOptions(**options))
     ramp = ramp_lib.build(cfg.ramp, tc.batch_size, tc.max_steps, world_size=world)
     if ramp.observes_noise_scale and isinstance(data, data_lib.MapStyleData):
         raise ConfigError("invalid config: ramp=noise_scale: decides each batch at run time, and a DataLoader "
