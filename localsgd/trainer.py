@@ -188,6 +188,8 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             save(done)
         if comm.stop_agreed:
             save(done)
+            stream.close()  # the loader's workers stop before the launcher signals what is left
+            data.close()
             metrics.write({"event": "preempted", "step": done})
             where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
             # every launch gets a fresh run directory: the resume names this one

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -431,10 +432,11 @@ class _WorkerIdentity(torch.utils.data.Dataset):
         return 12
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor([float(os.getpid()), float(_FORKED_MARK == "set")]), torch.tensor(i)
+        ignores_ctrl_c = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        return torch.tensor([float(os.getpid()), float(_FORKED_MARK == "set"), float(ignores_ctrl_c)]), torch.tensor(i)
 
 
-def test_evaluation_workers_are_spawned_started_once_for_every_evaluation_and_stopped_by_close() -> None:
+def test_evaluation_workers_are_spawned_ignore_ctrl_c_start_once_for_every_evaluation_and_stop_on_close() -> None:
     global _FORKED_MARK
     from localsgd.data import LoaderOptions, MapStyleData
 
@@ -449,6 +451,8 @@ def test_evaluation_workers_are_spawned_started_once_for_every_evaluation_and_st
     assert len(pids) == 2 and os.getpid() not in pids
     assert all({int(p) for p in x[:, 0]} == pids for x in passes)  # the same two workers served every pass
     assert all(x[:, 1].sum() == 0 for x in passes)  # spawned: they never saw the mark set in this process
+    assert all(bool(x[:, 2].all()) for x in passes)  # a terminal's Ctrl-C is the rank's to handle, not theirs
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and this process's handler is back
     data.close()
     for pid in pids:
         with pytest.raises(ProcessLookupError):

@@ -29,6 +29,9 @@ batch at run time (``ramp=noise_scale``) cannot be planned ahead, and is refused
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -97,7 +100,9 @@ class MapStyleData(TrainingData):
             mine = list(range(rank, len(self.test), world))
             batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
             self._eval_loaders[key] = self._loader(self.test, batches, 0, device)
-        for x, y in self._eval_loaders[key]:
+        with _sigint_ignored():  # the first pass starts the workers
+            batches = iter(self._eval_loaders[key])
+        for x, y in batches:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def close(self) -> None:
@@ -116,6 +121,22 @@ def loaded(data: TrainingData, mode: str, options: LoaderOptions) -> TrainingDat
     if isinstance(data, MapStyleData):
         return replace(data, options=options, _eval_loaders={})
     return data
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Start workers with SIGINT ignored, a disposition a spawned interpreter inherits and keeps. A terminal's
+    Ctrl-C reaches the whole process group: a worker still importing torch would die of it, and the loader
+    with it, where the rank means to stop at its next sync with a checkpoint (the rank stops its workers
+    itself). Only the main thread may set handlers; elsewhere the workers start as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _shutdown(batches: object) -> None:
@@ -157,7 +178,8 @@ class LoaderStream:
         self.close()
         loader = self.data._loader(self.data.train, _PlannedBatches(producer, plan, first_step, last_step),
                                    self.seed, self.device)
-        self._batches = iter(loader)
+        with _sigint_ignored():
+            self._batches = iter(loader)
 
     def next_batch(self, batch_size: int) -> Batch:
         if self._batches is None:
