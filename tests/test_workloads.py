@@ -441,6 +441,7 @@ def test_evaluation_workers_are_spawned_ignore_ctrl_c_start_once_for_every_evalu
     from localsgd.data import LoaderOptions, MapStyleData
 
     _FORKED_MARK = "set"
+    handler = signal.getsignal(signal.SIGINT)  # whatever earlier tests left installed
     try:
         data = MapStyleData(_WorkerIdentity(), _WorkerIdentity(), 2, options=LoaderOptions(num_workers=2))
         cpu = torch.device("cpu")
@@ -452,7 +453,7 @@ def test_evaluation_workers_are_spawned_ignore_ctrl_c_start_once_for_every_evalu
     assert all({int(p) for p in x[:, 0]} == pids for x in passes)  # the same two workers served every pass
     assert all(x[:, 1].sum() == 0 for x in passes)  # spawned: they never saw the mark set in this process
     assert all(bool(x[:, 2].all()) for x in passes)  # a terminal's Ctrl-C is the rank's to handle, not theirs
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and this process's handler is back
+    assert signal.getsignal(signal.SIGINT) is handler  # and this process's handler is back
     data.close()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
