@@ -40,7 +40,7 @@ from .config import TrainConfig, check_batch_fits_shard, total_steps_dependents
 from .engine import LocalSGD, SyncStats
 from .errors import CheckpointError, ConfigError, RunDirBusyError
 from .hooks import FaultHook, NoiseScaleProbe, RoundLengthHistory, StepHook, StichIterateAverage, overriding
-from .metrics import MetricsLog, Progress, RunLog, Tracker, git_commit, human_bytes, summary_table
+from .metrics import MetricsLog, Progress, RunLog, Tracker, TrainRecords, git_commit, human_bytes, summary_table
 from .rundir import RunDirLock, completed_run, rotate_previous_run
 from .sampler import ValidationShard
 
@@ -126,9 +126,24 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     runlog.say(banner(cfg, run_dir, comm, ramp, world, device, start_step, resumed_from))
     install_preemption_handler(comm)
 
+    progress = Progress(tc.max_steps, start_step, tc.progress)
+    runlog.console_progress = not progress.shows_bar  # with the bar on, progress lines go to train.log only
+    progress_every = max(1, tc.max_steps // 20)
+
+    def write_train(record: dict[str, Any], steps: int) -> None:  # a record completed by TrainRecords
+        done = record["step"]
+        metrics.write(record)
+        tracker.log(record, step=done)
+        progress.update(steps, record)
+        if done // progress_every != (done - steps) // progress_every or done == tc.max_steps:
+            runlog.progress(progress_line(record, tc.max_steps))
+
+    train_records = TrainRecords(write_train, enabled=dist.is_main())  # written in batches: off the hot path
+
     def save(step: int) -> None:
         if not cfg.checkpoint.enable:
             return
+        train_records.flush()  # every record up to this step is on disk before the checkpoint commits
         meta = {"config": config_items, "config_sha256": config_digest, "wandb_id": tracker.run_id,
                 "restart_count": dist.restart_count(), "torch": torch.__version__,
                 "wall_seconds": wall_before + time.perf_counter() - t_start, "schedule": comm.describe()}
@@ -141,61 +156,56 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     stream.start(lambda s: ramp.batch_size(s) * tc.grad_accum_steps if plugin.uses_train_batch(s) else 0,
                  start_step, tc.max_steps)  # a DataLoader loads ahead: the batches of the steps to come
     before_step, after_step, records = (overriding(hooks, m) for m in ("before_step", "after_step", "record"))
-    progress = Progress(tc.max_steps, start_step, tc.progress)
-    runlog.console_progress = not progress.shows_bar  # with the bar on, progress lines go to train.log only
-    progress_every = max(1, tc.max_steps // 20)
     window: list[optim_lib.StepOutput] = []  # reduced only when logged: no per-step host sync
     batch_size = tc.batch_size
-    for step in range(start_step, tc.max_steps):
-        if not ramp.constant:
-            batch_size = ramp.batch_size(step)
-            ctx.lr_scale = ramp.lr_scale(step, batch_size, tc.batch_size, tc.lr_batch_coupling)
-        for hook in before_step:
-            hook(step, batch_size, ctx)
-        # A step without training data (STN's hyper steps) must not advance the data stream.
-        batch = stream.next_batch(batch_size * tc.grad_accum_steps) if plugin.uses_train_batch(step) else None
-        out = plugin.train_step(step_model, batch, step, ctx)
-        done = step + 1
-        for hook in after_step:
-            hook(done, model)
-        synced = comm.step(loss=out.loss)
-        if not data.train_accuracy:
-            out.logits = None  # free a language model's (B, T, V) logits now, not at the next record
-        window.append(out)
-        if done % tc.log_every == 0 or done == tc.max_steps:
-            record = {"event": "train", "step": done, "loss": float(torch.stack([o.loss for o in window]).mean()),
-                      "accuracy": window_accuracy(window),
-                      "lr": ctx.lr_override or plugin.lr(step) * ctx.lr_scale, "batch_size": batch_size,
-                      "samples": stream.samples_seen * world, **comm_record(comm.stats), **counted(data, stream, world)}
-            for hook_record in records:
-                record.update(hook_record())
-            record.update(plugin.log_values())
-            metrics.write(record)
-            tracker.log(record, step=done)
-            progress.update(len(window), record)
-            if done // progress_every != (done - len(window)) // progress_every or done == tc.max_steps:
-                runlog.progress(progress_line(record, tc.max_steps))
-            window.clear()
-        if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
-            ev = evaluate_averaged(model, comm, data, tc.eval_batch_size, device)
-            metrics.write({"event": "eval", "step": done, **ev})
-            tracker.log(ev, step=done)
-            runlog.progress(f"eval at step {done}: {eval_line(ev)}")
-        # Checkpoints at the end of a round (a global one, not a hierarchical group's), after this step's
-        # records, so a crash after the commit loses no record and a crash before it leaves records
-        # that the resume truncates and writes again.
-        if synced and comm.round_completed and comm.stats.rounds % cfg.checkpoint.every_rounds == 0:
-            save(done)
-        if comm.stop_agreed:
-            save(done)
-            stream.close()  # the loader's workers stop before the launcher signals what is left
-            data.close()
-            metrics.write({"event": "preempted", "step": done})
-            where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
-            # every launch gets a fresh run directory: the resume names this one
-            runlog.say(f"localsgd: stopped at step {done}, {where}; to resume, run the same command with "
-                       f"hydra.run.dir={run_dir}", stream=sys.stderr)
-            raise SystemExit(REQUEUE_EXIT_CODE)
+    with train_records:  # every completed record is written, whatever ends the loop
+        for step in range(start_step, tc.max_steps):
+            if not ramp.constant:
+                batch_size = ramp.batch_size(step)
+                ctx.lr_scale = ramp.lr_scale(step, batch_size, tc.batch_size, tc.lr_batch_coupling)
+            for hook in before_step:
+                hook(step, batch_size, ctx)
+            # A step without training data (STN's hyper steps) must not advance the data stream.
+            batch = stream.next_batch(batch_size * tc.grad_accum_steps) if plugin.uses_train_batch(step) else None
+            out = plugin.train_step(step_model, batch, step, ctx)
+            done = step + 1
+            for hook in after_step:
+                hook(done, model)
+            synced = comm.step(loss=out.loss)
+            if not data.train_accuracy:
+                out.logits = None  # free a language model's (B, T, V) logits now, not at the next record
+            window.append(out)
+            if done % tc.log_every == 0 or done == tc.max_steps:
+                record = {"event": "train", "step": done, "lr": ctx.lr_override or plugin.lr(step) * ctx.lr_scale,
+                          "batch_size": batch_size, "samples": stream.samples_seen * world, **comm_record(comm.stats),
+                          **counted(data, stream, world)}
+                for hook_record in records:
+                    record.update(hook_record())
+                record.update(plugin.log_values())
+                train_records.add(window, record)  # its loss and accuracy are reduced with the next windows'
+                window = []
+            if tc.eval_every and done % tc.eval_every == 0 and done < tc.max_steps:
+                ev = evaluate_averaged(model, comm, data, tc.eval_batch_size, device)
+                train_records.flush()
+                metrics.write({"event": "eval", "step": done, **ev})
+                tracker.log(ev, step=done)
+                runlog.progress(f"eval at step {done}: {eval_line(ev)}")
+            # Checkpoints at the end of a round (a global one, not a hierarchical group's), after this step's
+            # records, so a crash after the commit loses no record and a crash before it leaves records
+            # that the resume truncates and writes again.
+            if synced and comm.round_completed and comm.stats.rounds % cfg.checkpoint.every_rounds == 0:
+                save(done)
+            if comm.stop_agreed:
+                save(done)
+                train_records.flush()
+                stream.close()  # the loader's workers stop before the launcher signals what is left
+                data.close()
+                metrics.write({"event": "preempted", "step": done})
+                where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
+                # every launch gets a fresh run directory: the resume names this one
+                runlog.say(f"localsgd: stopped at step {done}, {where}; to resume, run the same command with "
+                           f"hydra.run.dir={run_dir}", stream=sys.stderr)
+                raise SystemExit(REQUEUE_EXIT_CODE)
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
     stream.close()
@@ -374,15 +384,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def window_accuracy(window: list[optim_lib.StepOutput]) -> float:
-    """Training accuracy over the logging window: one argmax over all its batches, off the hot path."""
-    if any(o.logits is None or o.targets is None for o in window):
-        return float("nan")
-    logits = torch.cat([o.logits for o in window])  # type: ignore[misc]
-    targets = torch.cat([o.targets for o in window])  # type: ignore[misc]
-    return int((logits.argmax(dim=-1) == targets).sum()) / targets.numel()  # an exact count, one op fewer
 
 
 def comm_record(s: SyncStats) -> dict[str, Any]:
