@@ -62,31 +62,40 @@ class ShardSampler:
         self.cursor = 0  # samples of this epoch's shard already handed out
         self.samples_seen = 0
         self._shard_size = num_samples // world_size
-        self._shard = self._make_shard(0)
+        self._shard_epoch = -1
+        self._shard = self.shard(0)
 
     @property
     def shard_size(self) -> int:
         return self.num_samples // self.world_size
 
-    def _make_shard(self, epoch: int) -> torch.Tensor:
-        perm = epoch_permutation(self.num_samples, self.seed, epoch)
-        return perm[self.rank :: self.world_size][: self.shard_size]
+    def shard(self, epoch: int) -> torch.Tensor:
+        """This rank's indices for ``epoch``, in the order it hands them out (the current epoch's is kept)."""
+        if epoch != self._shard_epoch:
+            perm = epoch_permutation(self.num_samples, self.seed, epoch)
+            self._shard, self._shard_epoch = perm[self.rank :: self.world_size][: self._shard_size], epoch
+        return self._shard
+
+    def next_spans(self, batch_size: int) -> list[tuple[int, int, int]]:
+        """Hand out the next ``batch_size`` samples as ``(epoch, start, stop)`` slices of :meth:`shard`.
+
+        One slice unless the batch crosses the end of an epoch. Streams that keep each epoch's shard
+        gathered (:class:`localsgd.data.InMemoryStream`) slice it instead of indexing with
+        :meth:`next_indices`; both advance the same cursor.
+        """
+        end = self.cursor + batch_size
+        if end <= self._shard_size:  # the common case: inside the current epoch's shard
+            spans = [(self.epoch, self.cursor, end)]
+        else:
+            spans = list(stream_spans(self.epoch, self.cursor, self._shard_size, batch_size))
+            self.epoch = spans[-1][0]
+        self.cursor = spans[-1][2]
+        self.samples_seen += batch_size
+        return spans
 
     def next_indices(self, batch_size: int) -> torch.Tensor:
         """The next ``batch_size`` indices of this rank's stream (crossing epochs when needed)."""
-        end = self.cursor + batch_size
-        if end <= self._shard_size:  # the common case: one slice of the current epoch's shard
-            out = self._shard[self.cursor : end]
-            self.cursor = end
-            self.samples_seen += batch_size
-            return out
-        parts = []
-        for epoch, start, stop in stream_spans(self.epoch, self.cursor, self.shard_size, batch_size):
-            if epoch != self.epoch:
-                self.epoch, self._shard = epoch, self._make_shard(epoch)
-            parts.append(self._shard[start:stop])
-            self.cursor = stop
-        self.samples_seen += batch_size
+        parts = [self.shard(epoch)[start:stop] for epoch, start, stop in self.next_spans(batch_size)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def state_dict(self) -> dict[str, Any]:
@@ -109,7 +118,6 @@ class ShardSampler:
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self.samples_seen = int(state["samples_seen"])
-        self._shard = self._make_shard(self.epoch)
 
 
 class ShardGroup:

@@ -459,9 +459,9 @@ def run_in_process(monkeypatch: pytest.MonkeyPatch) -> Any:
     draws: list[int] = []
 
     class CountingSampler(ShardSampler):  # the trainer's training sampler only (ValidationShard has its own)
-        def next_indices(self, batch_size: int) -> torch.Tensor:
+        def next_spans(self, batch_size: int) -> list[tuple[int, int, int]]:
             draws.append(batch_size)
-            return super().next_indices(batch_size)
+            return super().next_spans(batch_size)
 
     monkeypatch.setattr(data_base, "ShardSampler", CountingSampler)
     register_configs()

@@ -16,8 +16,9 @@ The loop asks its data for four things, which is the whole protocol a data facto
 
 :class:`Dataset` holds small sets whole as tensors (MNIST-1D, Greydanus 2020, arXiv 2011.14439;
 scikit-learn's digits and breast-cancer sets; synthetic logistic regression; CIFAR-10, Krizhevsky
-2009): its stream indexes them on the device through :class:`localsgd.sampler.ShardSampler`, the fast
-path. Each config dataclass registers itself with ``@DATASETS.add`` and loads its dataset in ``build()``.
+2009): its stream slices them on the device in the order of :class:`localsgd.sampler.ShardSampler`,
+from a copy of the rank's shard gathered once an epoch (:class:`InMemoryStream`), the fast path. Each
+config dataclass registers itself with ``@DATASETS.add`` and loads its dataset in ``build()``.
 """
 
 from __future__ import annotations
@@ -89,11 +90,25 @@ class TrainingData:
         """Release what evaluation holds (a loader's worker processes); the run's end calls it."""
 
 
+EPOCH_COPY_MAX_BYTES = 64 * 2**20
+"""Largest shard (inputs and targets) an :class:`InMemoryStream` copies into sample order once an epoch."""
+
+
 class InMemoryStream:
-    """Batches indexed out of tensors already on the device: the sampler's indices, one gather each."""
+    """Batches of tensors already on the device, in the order of the sampler's indices.
+
+    A shard of at most :data:`EPOCH_COPY_MAX_BYTES` is gathered into the epoch's sample order once,
+    when the epoch starts, and each batch is a slice of that copy: a view, where indexing a batch out
+    of the whole set copies it (two gathers a step). The batches are the same tensors either way
+    (tested); a larger shard is indexed batch by batch, so the copy never doubles a large set.
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, sampler: ShardSampler) -> None:
         self.x, self.y, self.sampler = x, y, sampler
+        row_bytes = x[:1].nbytes + y[:1].nbytes
+        self.copies_epochs = row_bytes * sampler.shard_size <= EPOCH_COPY_MAX_BYTES
+        self._epoch = -1  # the epoch whose shard _x, _y hold, in sample order
+        self._x, self._y = x[:0], y[:0]
 
     @property
     def samples_seen(self) -> int:
@@ -103,8 +118,22 @@ class InMemoryStream:
         pass  # indexes on demand
 
     def next_batch(self, batch_size: int) -> Batch:
-        idx = self.sampler.next_indices(batch_size)
-        return self.x[idx], self.y[idx]
+        if not self.copies_epochs:
+            idx = self.sampler.next_indices(batch_size)
+            return self.x[idx], self.y[idx]
+        spans = self.sampler.next_spans(batch_size)
+        if len(spans) == 1:
+            epoch, start, stop = spans[0]
+            x, y = self._epoch_rows(epoch)
+            return x[start:stop], y[start:stop]
+        parts = [(x[a:b], y[a:b]) for e, a, b in spans for x, y in [self._epoch_rows(e)]]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _epoch_rows(self, epoch: int) -> Batch:
+        if epoch != self._epoch:
+            idx = self.sampler.shard(epoch)
+            self._x, self._y, self._epoch = self.x[idx], self.y[idx], epoch
+        return self._x, self._y
 
     def close(self) -> None:
         pass

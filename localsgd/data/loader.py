@@ -188,7 +188,7 @@ class LoaderStream:
         if len(y) != batch_size:
             raise RuntimeError(f"the loader's batch has {len(y)} samples and the step asked for {batch_size}: the "
                                "plan given to start() does not match the steps taken")
-        self.sampler.next_indices(batch_size)  # the consumer follows the loop, for the checkpoint
+        self.sampler.next_spans(batch_size)  # the consumer follows the loop, for the checkpoint
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def close(self) -> None:
