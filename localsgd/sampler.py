@@ -62,12 +62,12 @@ class ShardSampler:
         self.cursor = 0  # samples of this epoch's shard already handed out
         self.samples_seen = 0
         self._shard_size = num_samples // world_size
-        self._shard_epoch = -1
-        self._shard = self.shard(0)
+        self._shard_epoch = -1  # the epoch whose indices _shard holds
+        self._shard = torch.empty(0, dtype=torch.long)
 
     @property
     def shard_size(self) -> int:
-        return self.num_samples // self.world_size
+        return self._shard_size
 
     def shard(self, epoch: int) -> torch.Tensor:
         """This rank's indices for ``epoch``, in the order it hands them out (the current epoch's is kept)."""

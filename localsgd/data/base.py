@@ -115,25 +115,22 @@ class InMemoryStream:
         return self.sampler.samples_seen
 
     def start(self, plan: Callable[[int], int], first_step: int, last_step: int) -> None:
-        pass  # indexes on demand
+        pass  # slices on demand
 
     def next_batch(self, batch_size: int) -> Batch:
         if not self.copies_epochs:
             idx = self.sampler.next_indices(batch_size)
             return self.x[idx], self.y[idx]
-        spans = self.sampler.next_spans(batch_size)
-        if len(spans) == 1:
-            epoch, start, stop = spans[0]
-            x, y = self._epoch_rows(epoch)
-            return x[start:stop], y[start:stop]
-        parts = [(x[a:b], y[a:b]) for e, a, b in spans for x, y in [self._epoch_rows(e)]]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        parts = [self._epoch_slice(*span) for span in self.sampler.next_spans(batch_size)]
+        if len(parts) == 1:  # the batch lies inside one epoch: views, no copy
+            return parts[0]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
-    def _epoch_rows(self, epoch: int) -> Batch:
-        if epoch != self._epoch:
+    def _epoch_slice(self, epoch: int, start: int, stop: int) -> Batch:
+        if epoch != self._epoch:  # a new epoch: gather its shard into sample order once
             idx = self.sampler.shard(epoch)
             self._x, self._y, self._epoch = self.x[idx], self.y[idx], epoch
-        return self._x, self._y
+        return self._x[start:stop], self._y[start:stop]
 
     def close(self) -> None:
         pass
