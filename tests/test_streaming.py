@@ -76,6 +76,43 @@ def test_block_codes_decode_within_half_a_quantum(seed: int, compress: str, nume
     assert torch.all(back[v == 0] == 0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("compress", ["int8", "int4"])
+def test_decoding_over_the_output_gives_the_bits_of_adding_to_zeros(seed: int, compress: str) -> None:
+    # The first rank's code is written over the work buffer (no pass zeroing it first), the later ones
+    # added: the same bits as accumulating every code into zeros, whatever the buffer held before.
+    g = torch.Generator().manual_seed(seed)
+    codes = [codec.encode_blocks(torch.randn(1001, generator=g) * 3, compress) for _ in range(3)]
+    want = torch.zeros(1001)
+    got = torch.full((1001,), float("nan"))  # stale contents must not leak through
+    for i, code in enumerate(codes):
+        codec.accumulate_blocks(want, code, compress, weight=1 / 3)
+        codec.accumulate_blocks(got, code, compress, weight=1 / 3, overwrite=i == 0)
+    assert torch.equal(got, want)
+    assert torch.equal(codec.decode_blocks(codes[0], 1001, compress),
+                       codec.accumulate_blocks(torch.zeros(1001), codes[0], compress))
+
+
+def test_finalize_launches_every_fragment_before_it_applies_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One pipeline at the end: while one fragment is coded the ones ahead of it travel.
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(4), fragments=4, delay=0, compress="int8")
+    for _ in range(6):
+        model(torch.randn(3, 8)).square().mean().backward()
+        opt.step()
+        sync.step()
+    calls: list[tuple[str, int]] = []
+    stream = sync.streaming
+    launch, apply = stream._launch, stream._apply
+    monkeypatch.setattr(stream, "_launch", lambda p, t: calls.append(("launch", p)) or launch(p, t))
+    monkeypatch.setattr(stream, "_apply", lambda pending, t: calls.append(("apply", pending.fragment))
+                        or apply(pending, t))
+    assert sync.finalize()
+    assert calls == [*(("launch", p) for p in range(4)), *(("apply", p) for p in range(4))]
+
+
 @pytest.mark.parametrize(("compress", "unit"), [("bf16", 2.0**-8), ("fp16", 2.0**-11)])
 def test_casts_round_within_the_unit_roundoff(compress: str, unit: float) -> None:
     v = torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 10

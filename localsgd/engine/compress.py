@@ -124,24 +124,31 @@ def _codes_as_float(code: BlockCode, numel: int, compress: str, out: torch.Tenso
 
 
 def accumulate_blocks(out: torch.Tensor, code: BlockCode, compress: str, block: int = DEFAULT_BLOCK,
-                      weight: float = 1.0, scratch: torch.Tensor | None = None) -> torch.Tensor:
+                      weight: float = 1.0, scratch: torch.Tensor | None = None,
+                      overwrite: bool = False) -> torch.Tensor:
     """``out += weight · decode(code)``, one fused pass per segment (``out``: float32, the code's length;
-    ``scratch``, float32 of the same length, holds the codes as floats instead of a fresh temporary)."""
+    ``scratch``, float32 of the same length, holds the codes as floats instead of a fresh temporary).
+    ``overwrite``: ``out = weight · decode(code)`` instead, the same bits as adding to zeros, without
+    the pass that zeros ``out``."""
     n = out.numel()
     q = _codes_as_float(code, n, compress, scratch)
     scales = code.scales * weight if weight != 1.0 else code.scales
     first = 0
     for start, end, width in _segments(n, block):
         nb = (end - start) // width
-        out[start:end].view(-1, width).addcmul_(q[start:end].view(-1, width), scales[first:first + nb, None])
+        dst, codes, s = out[start:end].view(-1, width), q[start:end].view(-1, width), scales[first:first + nb, None]
+        if overwrite:
+            torch.mul(codes, s, out=dst)
+        else:
+            dst.addcmul_(codes, s)
         first += nb
     return out
 
 
 def decode_blocks(code: BlockCode, numel: int, compress: str, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """float32 values of a block code (exact inverse of the rounding grid: q · s)."""
-    out = torch.zeros(numel, dtype=torch.float32, device=code.codes.device)
-    return accumulate_blocks(out, code, compress, block)
+    out = torch.empty(numel, dtype=torch.float32, device=code.codes.device)
+    return accumulate_blocks(out, code, compress, block, overwrite=True)
 
 
 def pack_code(code: BlockCode) -> torch.Tensor:

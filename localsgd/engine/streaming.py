@@ -101,13 +101,17 @@ class Fragment:
         for view, offset in self.pieces:
             self.send[offset : offset + view.numel()].copy_(view)
 
-    def write(self, values: torch.Tensor, mix: float, sent: torch.Tensor | None = None) -> None:
+    def write(self, values: torch.Tensor, mix: float, sent: torch.Tensor | None = None,
+              work: torch.Tensor | None = None) -> None:
         """Live ← mix·live + (1 − mix)·values (mix = 0: an exact copy); with ``sent`` (the copy this rank
-        sent), live ← values + (live − sent): the average plus the progress made since."""
+        sent), live ← values + (live − sent): the average plus the progress made since (``work``, the
+        fragment's length, holds the difference instead of a fresh temporary)."""
         for view, offset in self.pieces:
-            new = values[offset : offset + view.numel()]
+            end = offset + view.numel()
+            new = values[offset:end]
             if sent is not None:  # the difference first: exactly 0 where nothing changed
-                view.add_(new - sent[offset : offset + view.numel()])
+                old = sent[offset:end]
+                view.add_(new - old if work is None else torch.sub(new, old, out=work[offset:end]))
             elif mix == 0.0:
                 view.copy_(new)
             else:
@@ -343,9 +347,10 @@ class StreamingSync:
             return frag.send, averaged, False
         assert frag.ref is not None
         delta = self._scratch("delta", frag)
-        delta.zero_()
-        if not bad:
-            delta.copy_(frag.ref).sub_(frag.send)  # the pseudo-gradient x_ref − x_k
+        if bad:
+            delta.zero_()
+        else:
+            torch.sub(frag.ref, frag.send, out=delta)  # the pseudo-gradient x_ref − x_k
             if frag.residual is not None:
                 delta.add_(frag.residual)
         if self.compress in codec.CAST_DTYPES:
@@ -359,13 +364,16 @@ class StreamingSync:
         code = codec.encode_blocks(delta, self.compress, self.block, residual=keep, scratch=self._scratch("grid", frag))
         return codec.pack_code(code), False, False
 
-    def _scratch(self, name: str, frag: Fragment) -> torch.Tensor:
-        """A float32 work buffer of the fragment's length, kept between syncs (one per name, sized for the
-        largest fragment: at most one is in flight), so a sync allocates and faults in no fresh pages."""
-        buf = self._work.get(name)
+    def _scratch(self, name: str, frag: Fragment, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A work buffer of the fragment's length, kept between syncs (one per name and dtype, sized for the
+        largest fragment), so a sync allocates and faults in no fresh pages. A launch is done with its
+        buffers once it returns (what travels is a fresh code or the fragment's own copy), and fragments
+        are applied one at a time, so several fragments in flight (finalize) share them safely."""
+        key = f"{name}:{dtype}"
+        buf = self._work.get(key)
         if buf is None or buf.numel() < frag.numel or buf.device != frag.send.device:
             size = max(f.numel for f in self.fragments)
-            buf = self._work[name] = torch.empty(size, dtype=torch.float32, device=frag.send.device)
+            buf = self._work[key] = torch.empty(size, dtype=dtype, device=frag.send.device)
         return buf[: frag.numel]
 
     def _finish(self, pending: InFlight) -> None:
@@ -398,7 +406,7 @@ class StreamingSync:
                 frag.ref.copy_(average)
             mix = self.mix if pending.world > 1 else 0.0
             if pending.world > 1 or frag.outer is not None:  # alone and without an outer step: nothing to apply
-                frag.write(average, mix, pending.sent)
+                frag.write(average, mix, pending.sent, work=self._scratch("delta", frag, frag.send.dtype))
             if pending.fragment == self.F - 1:
                 for b, value in zip(engine.layout.int_buffers, verdict.int_buffers):
                     b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
@@ -426,12 +434,12 @@ class StreamingSync:
                 mean.div_(world)
         else:
             wires = payload.view(world, -1)
-            mean = self._scratch("mean", frag).zero_()
+            mean = self._scratch("mean", frag)
             for r in range(world):  # rank order: every rank sums the same codes the same way
                 code = codec.unpack_code(wires[r], frag.numel, self.compress, self.block)
                 codec.accumulate_blocks(mean, code, self.compress, self.block, weight=1.0 / world,
-                                        scratch=self._scratch("grid", frag))
-        mean.neg_().add_(frag.ref)  # x_ref − mean pseudo-gradient: the fragment's average
+                                        scratch=self._scratch("grid", frag), overwrite=r == 0)
+        torch.sub(frag.ref, mean, out=mean)  # x_ref − mean pseudo-gradient: the fragment's average
         return mean if frag.send.dtype == torch.float32 else mean.to(frag.send.dtype)
 
     # ---------------------------------------------------------------- the end
@@ -447,13 +455,18 @@ class StreamingSync:
         world, _ = engine._size_rank(engine.group)
         saved_mix, self.mix, self._finalizing = self.mix, 0.0, True
         try:
+            # Every fragment leaves before the first is applied: the coding of one overlaps the transfer of
+            # those ahead of it, and the link never idles between them (one pipeline, not F round trips).
+            launched = []
             for frag in self.fragments:
                 if world == 1 or frag.applied_at != t or frag.mixed:
                     start = time.perf_counter()
                     pending = self._launch(frag.index, t)
                     engine.stats.seconds += time.perf_counter() - start  # _apply counts its own part
                     pending.due = t
-                    self._apply(pending, t)
+                    launched.append(pending)
+            for pending in launched:
+                self._apply(pending, t)
         finally:
             self.mix, self._finalizing = saved_mix, False
         engine.stats.rounds += 1  # as in the blocking sync, the final average counts as a round
