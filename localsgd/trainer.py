@@ -13,6 +13,7 @@ cursor, so a killed-and-resumed run ends bit-for-bit equal to an uninterrupted o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -20,6 +21,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +160,9 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     before_step, after_step, records = (overriding(hooks, m) for m in ("before_step", "after_step", "record"))
     window: list[optim_lib.StepOutput] = []  # reduced only when logged: no per-step host sync
     batch_size = tc.batch_size
-    with train_records:  # every completed record is written, whatever ends the loop
+    # Every completed record is written and the loaders' workers stop, whatever ends the loop (a stop, an
+    # error: a library caller that catches it keeps no worker processes alive).
+    with train_records, closed_on_error(stream, data):
         for step in range(start_step, tc.max_steps):
             if not ramp.constant:
                 batch_size = ramp.batch_size(step)
@@ -198,8 +202,6 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
             if comm.stop_agreed:
                 save(done)
                 train_records.flush()
-                stream.close()  # the loader's workers stop before the launcher signals what is left
-                data.close()
                 metrics.write({"event": "preempted", "step": done})
                 where = f"checkpoint step-{done} in {ckpt.dir}" if cfg.checkpoint.enable else "no checkpoint (off)"
                 # every launch gets a fresh run directory: the resume names this one
@@ -209,11 +211,12 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
 
     # ---- the end: a guaranteed final average, evaluation of the averaged model, summary
     stream.close()
-    comm.finalize()
-    for hook in hooks:
-        hook.finish(comm)
-    final_step = max(start_step, tc.max_steps)
-    ev = evaluate_averaged(model, comm, data, tc.eval_batch_size, device)
+    with closed_on_error(data):  # the evaluation loaders' workers stop too if the final average fails
+        comm.finalize()
+        for hook in hooks:
+            hook.finish(comm)
+        final_step = max(start_step, tc.max_steps)
+        ev = evaluate_averaged(model, comm, data, tc.eval_batch_size, device)
     data.close()
     if cfg.checkpoint.enable and start_step < tc.max_steps:
         save(final_step)
@@ -244,6 +247,20 @@ def run_training(cfg: TrainConfig, run_dir: Path, config_items: dict[str, Any], 
     if lock is not None:
         lock.release()
     return summary
+
+
+@contextlib.contextmanager
+def closed_on_error(*parts: Any) -> Iterator[None]:
+    """Close ``parts`` (data streams, training data: their loaders' worker processes) if the block raises,
+    ``SystemExit`` of a stop included, so the workers stop before the launcher signals what is left;
+    on success the caller closes each at its own point."""
+    try:
+        yield
+    except BaseException:
+        for part in parts:
+            with contextlib.suppress(Exception):  # the error in flight is the one to report
+                part.close()
+        raise
 
 
 # ---------------------------------------------------------------------- building the communicator and hooks

@@ -513,3 +513,37 @@ def test_a_checkpoint_from_before_the_step_options_resumes_only_with_them_at_the
         check_resumable(manifest, 2, {**items, "trainer.precision": "bf16"})
     with pytest.raises(CheckpointError, match=r"model.hidden: None -> \[8\]"):
         check_resumable(manifest, 2, {**items, "model.hidden": [8]})  # a component's new key has no default here
+
+
+@pytest.mark.timeout(120)
+def test_a_run_that_fails_mid_loop_leaves_no_loader_worker_running(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A library caller that catches the trainer's error must not keep the loader's worker processes: the
+    # traceback it holds keeps the loop's locals (the stream, its DataLoader iterator) alive.
+    import multiprocessing
+
+    from hydra import compose, initialize_config_dir
+
+    from localsgd.config import check_config, config_hash, flat_items, register_configs
+    from localsgd.errors import NonFiniteError
+    from localsgd.train import config_dir
+    from localsgd.trainer import run_training
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = check_config(compose("config", overrides=[
+            "data=digits", "model=mlp", "model.hidden=[16]", "trainer=smoke", "trainer.max_steps=12",
+            "trainer.eval_every=0", "trainer.threads=1", "schedule.H=4", "checkpoint=off",
+            "loader.mode=dataloader", "loader.num_workers=2", "loader.start_method=fork"]))
+    items = flat_items(cfg)
+    monkeypatch.setenv("LOCALSGD_FAULT", "nan:rank=0,step=2")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    before = set(multiprocessing.active_children())
+    try:
+        with pytest.raises(NonFiniteError) as caught:
+            run_training(cfg, tmp_path / "run", items, config_hash(items))
+        assert caught.value.bad == {0: 3}  # the NaN weights of step 2 give step 3 a NaN loss; the average at 4 sees it
+        assert set(multiprocessing.active_children()) == before
+    finally:
+        for sig, handler in handlers.items():  # run_training installs its preemption handler
+            signal.signal(sig, handler)
