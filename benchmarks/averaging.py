@@ -19,6 +19,12 @@ against its peers. Four ways to average the same parameters are timed on two loc
   since recent PyTorch releases; skipped where it cannot). It measures what the division alone costs
   on this backend, which every averaging method pays and ``floor`` does not: ``ours / floor_avg``
   isolates the engine's own overhead (the check, the finiteness pass, Python).
+* ``guarded_avg``: ``floor_avg`` plus the work the engine's guarantees need and nothing else, written
+  inline: a copy of the payload into a kept backup (a failed check must leave every replica as it
+  was), the finiteness test of the payload (nothing non-finite is averaged), and check words written
+  into the tail of the buffer and read back after the all-reduce. ``guarded_avg / floor_avg`` is
+  what those guarantees cost on this machine; ``ours / guarded_avg`` what the engine adds beyond them
+  (Python, the layout check, the bookkeeping).
 
 Two models stress the two regimes: ``few_large`` (4 tensors, 4M floats in full mode, 1M with
 ``--quick``: bandwidth and memory passes) and ``many_small`` (200 tensors of 1,024 floats: per-call
@@ -62,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this
 from benchmarks.provenance import git_state, source_digest  # noqa: E402
 from localsgd.testing.ranks import run_ranks  # noqa: E402
 
-METHODS = ("ours", "ours_before", "torch", "per_param", "floor", "floor_avg")
+METHODS = ("ours", "ours_before", "torch", "per_param", "floor", "floor_avg", "guarded_avg")
 TARGET_VS_FLOOR = 1.10
 TARGET_VS_TORCH = 1.0
 
@@ -92,6 +98,8 @@ def _bench_model(name: str, quick: bool, warmup: int, reps: int, rank: int, worl
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
     from localsgd import LocalSGD
+    from localsgd.engine.check_words import fused_tail_words
+    from localsgd.engine.state import all_finite
     from localsgd.schedules import Fixed
 
     shapes = model_shapes(name, quick)
@@ -128,13 +136,27 @@ def _bench_model(name: str, quick: bool, warmup: int, reps: int, rank: int, worl
     def floor_avg() -> None:
         tdist.all_reduce(floor_avg_buf, op=tdist.ReduceOp.AVG, group=group)
 
+    tail_words = fused_tail_words(world)
+    guarded_buf = torch.randn(n_params + tail_words, generator=torch.Generator().manual_seed(99 + rank))
+    guarded_backup = torch.empty_like(guarded_buf)
+    words = torch.zeros(tail_words)
+
+    def guarded_avg() -> None:
+        guarded_backup.copy_(guarded_buf)
+        if not all_finite(guarded_buf[:n_params]):
+            raise AssertionError("guarded_avg: the benchmark's payload went non-finite")
+        guarded_buf[n_params:].copy_(words)
+        tdist.all_reduce(guarded_buf, op=tdist.ReduceOp.AVG, group=group)
+        guarded_buf[n_params:].tolist()
+
     calls = {"ours": ours, "ours_before": ours_before, "torch": torch_avg, "per_param": per_param,
-             "floor": floor, "floor_avg": floor_avg}
+             "floor": floor, "floor_avg": floor_avg, "guarded_avg": guarded_avg}
     methods = list(METHODS)
     try:
         floor_avg()
     except RuntimeError:  # an older Gloo without ReduceOp.AVG rejects it on every rank before sending
         methods.remove("floor_avg")
+        methods.remove("guarded_avg")
 
     # Sanity: the averaging methods agree after their first call.
     for m in ("ours", "ours_before", "torch", "per_param"):
@@ -254,7 +276,9 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         if "floor_avg" in t:
             avg = {"floor_avg_vs_floor": med["floor_avg"] / med["floor"],
                    "ratio_vs_floor_avg": med["ours"] / med["floor_avg"],
-                   "paired_ratio_vs_floor_avg": statistics.median(a / b for a, b in zip(t["ours"], t["floor_avg"]))}
+                   "paired_ratio_vs_floor_avg": statistics.median(a / b for a, b in zip(t["ours"], t["floor_avg"])),
+                   "guarded_vs_floor_avg": med["guarded_avg"] / med["floor_avg"],
+                   "ratio_vs_guarded_avg": med["ours"] / med["guarded_avg"]}
         out[name] = {
             "n_params": res["n_params"],
             "n_tensors": res["n_tensors"],
@@ -281,12 +305,13 @@ def _worst(models: dict[str, Any], key: str) -> float | None:
 def table(models: dict[str, Any]) -> str:
     head = f"{'model':<11} {'params':>9} {'tensors':>7} " + " ".join(f"{m + ' ms':>13}" for m in METHODS)
     head += f" {'ours/floor':>10} {'ours/torch':>10} {'bef/floor':>10} {'bef/torch':>10}"
-    head += f" {'avg/floor':>10} {'ours/avg':>10}"
+    head += f" {'avg/floor':>10} {'ours/avg':>10} {'grd/avg':>10} {'ours/grd':>10}"
     lines = [head, "-" * len(head)]
     for name, d in models.items():
         ms = " ".join(f"{1e3 * d['seconds'][m]:>13.3f}" if m in d["seconds"] else f"{'-':>13}" for m in METHODS)
-        avg = (f" {d['floor_avg_vs_floor']:>10.3f} {d['ratio_vs_floor_avg']:>10.3f}" if "ratio_vs_floor_avg" in d
-               else f" {'-':>10} {'-':>10}")
+        avg = (f" {d['floor_avg_vs_floor']:>10.3f} {d['ratio_vs_floor_avg']:>10.3f}"
+               f" {d['guarded_vs_floor_avg']:>10.3f} {d['ratio_vs_guarded_avg']:>10.3f}" if "ratio_vs_floor_avg" in d
+               else f" {'-':>10} {'-':>10} {'-':>10} {'-':>10}")
         lines.append(f"{name:<11} {d['n_params']:>9} {d['n_tensors']:>7} {ms} "
                      f"{d['ratio_vs_floor']:>10.3f} {d['ratio_vs_torch']:>10.3f} "
                      f"{d['before_ratio_vs_floor']:>10.3f} {d['before_ratio_vs_torch']:>10.3f}{avg}")
@@ -348,6 +373,10 @@ def main(argv: list[str] | None = None) -> None:
         # and ours over that: the engine's own overhead; None where the backend has no AVG
         "floor_avg_vs_floor": _worst(models_out, "floor_avg_vs_floor"),
         "ratio_vs_floor_avg": _worst(models_out, "ratio_vs_floor_avg"),
+        # what the guarantees alone cost over the bare AVG (backup, finiteness test, check words), and
+        # ours over that: the engine beyond its guarantees
+        "guarded_vs_floor_avg": _worst(models_out, "guarded_vs_floor_avg"),
+        "ratio_vs_guarded_avg": _worst(models_out, "ratio_vs_guarded_avg"),
         "world_size": 2,
         "link_mbit": args.link_mbit or None,  # None: loopback
         "localsgd_source_sha256_12": code[0],

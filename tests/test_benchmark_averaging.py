@@ -20,8 +20,9 @@ def test_averaging_benchmark_prints_the_issue_keys() -> None:
                            "--models", "many_small"], cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("ratio_vs_floor", "ratio_vs_torch", "floor_avg_vs_floor", "ratio_vs_floor_avg"):
+    for key in ("ratio_vs_floor", "ratio_vs_torch", "floor_avg_vs_floor", "ratio_vs_floor_avg", "guarded_vs_floor_avg",
+                "ratio_vs_guarded_avg"):
         assert isinstance(result[key], float) and result[key] > 0, key
     times = result["models"]["many_small"]["seconds"]
-    assert set(times) == {"ours", "ours_before", "torch", "per_param", "floor", "floor_avg"}
+    assert set(times) == {"ours", "ours_before", "torch", "per_param", "floor", "floor_avg", "guarded_avg"}
     assert result["link_mbit"] is None and result["world_size"] == 2
