@@ -2,7 +2,7 @@
 
 On a CPU machine with Gloo the cost of one averaging call is dominated by latency and by the passes
 over memory around the collective, not by bandwidth, so this is where a framework can win or lose
-against its peers. Four ways to average the same parameters are timed on two localhost Gloo ranks
+against its peers. Several ways to average the same parameters are timed on two localhost Gloo ranks
 (spawned here, one intra-op thread each):
 
 * ``ours``: ``LocalSGD(model, None, schedule=Fixed(1))`` and ``sync.step()``, which averages on every

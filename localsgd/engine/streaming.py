@@ -17,7 +17,8 @@ as computation-communication decoupled SGD does (CoCoD-SGD; Shen et al. 2019, ar
 
 F = 1, τ = 0, α = 0 is blocking local SGD exactly (the same all-reduce of the same values, so the
 same bits at K = 2, tested). Constraints, as in torchft's DiLoCo: H divisible by F and τ < H/F, so
-at most one fragment is ever in flight and it lands before the next one leaves.
+at most one fragment is ever in flight and it lands before the next one leaves (until
+:meth:`StreamingSync.finalize`, which sends every fragment still apart at once).
 
 What each sync sends: a copy of the fragment taken at step t (training goes on in the parameters
 while the copy travels), or with compression its pseudo-gradient x_ref − x_k (:mod:`.compress`).
@@ -101,17 +102,16 @@ class Fragment:
         for view, offset in self.pieces:
             self.send[offset : offset + view.numel()].copy_(view)
 
-    def write(self, values: torch.Tensor, mix: float, sent: torch.Tensor | None = None,
-              work: torch.Tensor | None = None) -> None:
-        """Live ← mix·live + (1 − mix)·values (mix = 0: an exact copy); with ``sent`` (the copy this rank
-        sent), live ← values + (live − sent): the average plus the progress made since (``work``, the
-        fragment's length, holds the difference instead of a fresh temporary)."""
+    def write(self, values: torch.Tensor, mix: float, sent: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Live ← mix·live + (1 − mix)·values (mix = 0: an exact copy); with ``sent`` = (the copy this rank
+        sent, a work buffer of the fragment's length), live ← values + (live − sent): the average plus the
+        progress made since, the difference held in the work buffer rather than a fresh temporary."""
         for view, offset in self.pieces:
             end = offset + view.numel()
             new = values[offset:end]
             if sent is not None:  # the difference first: exactly 0 where nothing changed
-                old = sent[offset:end]
-                view.add_(new - old if work is None else torch.sub(new, old, out=work[offset:end]))
+                copy, work = sent
+                view.add_(torch.sub(new, copy[offset:end], out=work[offset:end]))
             elif mix == 0.0:
                 view.copy_(new)
             else:
@@ -406,7 +406,8 @@ class StreamingSync:
                 frag.ref.copy_(average)
             mix = self.mix if pending.world > 1 else 0.0
             if pending.world > 1 or frag.outer is not None:  # alone and without an outer step: nothing to apply
-                frag.write(average, mix, pending.sent, work=self._scratch("delta", frag, frag.send.dtype))
+                sent = None if pending.sent is None else (pending.sent, self._scratch("delta", frag, frag.send.dtype))
+                frag.write(average, mix, sent)
             if pending.fragment == self.F - 1:
                 for b, value in zip(engine.layout.int_buffers, verdict.int_buffers):
                     b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
