@@ -389,6 +389,32 @@ def test_a_nan_in_an_in_flight_fragment_is_caught_and_never_applied() -> None:
     assert out[0]["finite"]  # rank 0 never took rank 1's NaN
 
 
+def _progress_to_the_end(rank: int, world: int, compress: str) -> list[float]:
+    """merge=progress with the last fragment launched at the last step: finalize applies it with no progress."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(4), fragments=2, delay=1, merge="progress", compress=compress)
+    for step in range(1, 23):  # fragment 0 leaves at step 22 and lands in finalize
+        gen = torch.Generator().manual_seed(100 * rank + step)
+        loss = nn.functional.cross_entropy(model(torch.randn(16, 6, generator=gen)),
+                                           torch.randint(0, 3, (16,), generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync.step(loss=loss)
+    sync.finalize()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compress", ["none", "int8"])
+def test_finalize_leaves_identical_replicas_when_a_progress_merge_lands_at_its_launch_step(compress: str) -> None:
+    # live + (x̄ − sent) with live = sent rounds differently on each rank: such a landing must copy x̄
+    first, second = run_ok(_progress_to_the_end, 2, compress, timeout_s=60)
+    assert first == second
+
+
 def _bytes_and_identity(rank: int, world: int, compress: str) -> dict:
     model = _bn_model().float()
     sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), fragments=2, compress=compress)

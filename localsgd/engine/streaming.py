@@ -406,7 +406,10 @@ class StreamingSync:
                 frag.ref.copy_(average)
             mix = self.mix if pending.world > 1 else 0.0
             if pending.world > 1 or frag.outer is not None:  # alone and without an outer step: nothing to apply
-                sent = None if pending.sent is None else (pending.sent, self._scratch("delta", frag, frag.send.dtype))
+                # Landing at its own launch step (finalize), a fragment met no progress: copy the average, since
+                # live + (x̄ − sent) with live = sent is x̄ only up to a rounding that differs between ranks.
+                progress = pending.sent is not None and t > pending.launched
+                sent = (pending.sent, self._scratch("delta", frag, frag.send.dtype)) if progress else None
                 frag.write(average, mix, sent)
             if pending.fragment == self.F - 1:
                 for b, value in zip(engine.layout.int_buffers, verdict.int_buffers):
