@@ -26,7 +26,7 @@ def source_digest() -> str:
     """First 12 hex digits of a sha256 over localsgd's sources: names the code state a result measured."""
     root = Path(__file__).resolve().parents[1] / "localsgd"
     h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
+    for f in sorted([*root.rglob("*.py"), *root.rglob("*.c")]):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]

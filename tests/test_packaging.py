@@ -242,3 +242,16 @@ def test_leave_flushes_and_exits_with_the_code_without_finalisation(tmp_path: Pa
               "d.init()\nprint('trained', end='')\nsys.stderr.write('note')\nd.leave(3)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "trained", "note"), proc
+
+
+@pytest.mark.slow
+def test_installed_wheel_ships_the_native_codec_source_and_builds_it(installed_wheel: Path, tmp_path: Path) -> None:
+    probe = ("import os, shutil; from localsgd.engine import native_codec as n; "
+             "print(n.SOURCE.is_file(), n._compiler() is not None and n.library() is not None, n.why_not)")
+    env = {**clean_env(tmp_path), "LOCALSGD_CACHE_DIR": str(tmp_path / "cache")}
+    proc = run([str(executable(installed_wheel, "python")), "-c", probe], tmp_path, env)
+    assert proc.returncode == 0, report(proc)
+    shipped, built = proc.stdout.split()[:2]
+    assert shipped == "True", report(proc)
+    if shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"):
+        assert built == "True", report(proc)

@@ -18,7 +18,7 @@ from torch import nn
 import localsgd
 from localsgd.engine import compress as codec
 from localsgd.engine.streaming import fragment_bounds, sync_offsets
-from localsgd.errors import NonFiniteError
+from localsgd.errors import NonFiniteError, ScheduleDisagreementError
 from localsgd.outer import NesterovOuter
 from localsgd.schedules import Fixed
 
@@ -362,11 +362,12 @@ def test_delayed_fragments_follow_the_reference_on_a_quadratic(world: int) -> No
             assert diff <= tol, (case, diff)
 
 
-def _nan_in_flight(rank: int, world: int) -> dict:
+def _nan_in_flight(rank: int, world: int, compress: str = "none") -> dict:
     """Rank 1's fragment 0 turns NaN right before it leaves at step 6 (H=4, F=2, τ=1): every rank must
-    raise when it would land (step 7), and no rank may have applied it."""
-    model = _bn_model()
-    sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), fragments=2, delay=1)
+    raise when it would land (step 7), and no rank may have applied it. With a block code (float32: the
+    native codec where it is built) the check words ride inside the all-gather of the codes."""
+    model = _bn_model() if compress == "none" else _bn_model().float()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), fragments=2, delay=1, compress=compress)
     error = ""
     try:
         for step in range(1, 12):
@@ -381,8 +382,9 @@ def _nan_in_flight(rank: int, world: int) -> dict:
 
 
 @pytest.mark.slow
-def test_a_nan_in_an_in_flight_fragment_is_caught_and_never_applied() -> None:
-    out = run_ok(_nan_in_flight, 2, timeout_s=60)
+@pytest.mark.parametrize("compress", ["none", "int8"])
+def test_a_nan_in_an_in_flight_fragment_is_caught_and_never_applied(compress: str) -> None:
+    out = run_ok(_nan_in_flight, 2, compress, timeout_s=60)
     for result in out:
         assert "rank 1 at step 6" in result["error"] and "fragment 0 of 2" in result["error"]
         assert result["step"] == 7  # raised when it would have landed
@@ -413,6 +415,26 @@ def test_finalize_leaves_identical_replicas_when_a_progress_merge_lands_at_its_l
     # live + (x̄ − sent) with live = sent rounds differently on each rank: such a landing must copy x̄
     first, second = run_ok(_progress_to_the_end, 2, compress, timeout_s=60)
     assert first == second
+
+
+def _shifted_clock(rank: int, world: int) -> str:
+    """Rank 1's step counter runs 4 ahead: the same calls sync the same fragments, but the step in the
+    check words differs, which the check that rides with the int4 codes must catch on every rank."""
+    model = _bn_model().float()
+    sync = localsgd.LocalSGD(model, None, schedule=Fixed(4), fragments=2, delay=1, compress="int4")
+    sync.local_step = 4 * rank
+    try:
+        for _ in range(8):
+            sync.step(loss=torch.tensor(1.0))
+    except ScheduleDisagreementError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.mark.slow
+def test_ranks_whose_steps_disagree_fail_at_the_first_code_that_lands() -> None:
+    for message in run_ok(_shifted_clock, 2, timeout_s=60):
+        assert "step" in message and "[2, 6]" in message, message
 
 
 def _bytes_and_identity(rank: int, world: int, compress: str) -> dict:

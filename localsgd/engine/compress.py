@@ -25,6 +25,10 @@ decoded in float32 (or the buffer's dtype): x̄ = x_ref − (1/K) Σ_k decode(co
 Error bound of one code (tested): a cast rounds to the format's unit roundoff (2⁻⁸ for bf16, 2⁻¹¹
 for fp16, relative); a block code is within s/2 = max|v|/(2 q_max) of each value of its block.
 ``wire_bytes`` is exactly what a rank submits: the code plus its scales.
+
+Every product here is rounded before it is summed (a multiply, then an add; never ``addcmul``, which
+may fuse them into one FMA on some CPUs), so this torch path and the fused C pass of
+:mod:`.native_codec`, which the engine uses on CPU float32 buffers, give the same bits.
 """
 
 from __future__ import annotations
@@ -102,7 +106,8 @@ def encode_blocks(values: torch.Tensor, compress: str, block: int = DEFAULT_BLOC
         safe = torch.where(s > 0, s, torch.ones_like(s))
         torch.div(blocks, safe[:, None], out=grid).round_().clamp_(-qmax, qmax)  # q = round(v / s)
         if residual is not None:
-            torch.addcmul(blocks, grid, s[:, None], value=-1.0, out=residual[start:end].view(-1, width))  # v − q·s
+            dropped = torch.mul(grid, s[:, None], out=residual[start:end].view(-1, width))
+            torch.sub(blocks, dropped, out=dropped)  # v − q·s, rounded twice and never fused (the native bits)
         q[start:end].view(-1, width).copy_(grid)  # integers already: the cast is exact
         scales.append(s)
     scale = torch.cat(scales) if len(scales) > 1 else scales[0]
@@ -139,8 +144,8 @@ def accumulate_blocks(out: torch.Tensor, code: BlockCode, compress: str, block: 
         dst, codes, s = out[start:end].view(-1, width), q[start:end].view(-1, width), scales[first:first + nb, None]
         if overwrite:
             torch.mul(codes, s, out=dst)
-        else:
-            dst.addcmul_(codes, s)
+        else:  # the product rounded, then the sum: one rounding each, never an FMA (the native codec's bits)
+            dst.add_(codes.mul_(s))
         first += nb
     return out
 
@@ -151,14 +156,18 @@ def decode_blocks(code: BlockCode, numel: int, compress: str, block: int = DEFAU
     return accumulate_blocks(out, code, compress, block, overwrite=True)
 
 
-def pack_code(code: BlockCode) -> torch.Tensor:
-    """One uint8 wire buffer: the codes, then the scales' bytes (one all-gather carries both)."""
-    return torch.cat([code.codes, code.scales.contiguous().view(torch.uint8)])
+def pack_code(code: BlockCode, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """One uint8 wire buffer: the codes, then the scales' bytes, then ``tail`` (more bytes to carry, if any):
+    one all-gather carries them all."""
+    parts = [code.codes, code.scales.contiguous().view(torch.uint8)]
+    return torch.cat(parts if tail is None else [*parts, tail])
 
 
 def unpack_code(wire: torch.Tensor, numel: int, compress: str, block: int = DEFAULT_BLOCK) -> BlockCode:
+    """The code at the start of ``wire`` (bytes after its scales, a :func:`pack_code` tail, are ignored)."""
     nc = code_bytes(numel, compress, block)
-    return BlockCode(wire[:nc], wire[nc:].clone().view(torch.float32))  # a copy: aligned for float32
+    scales = wire[nc : nc + 4 * n_blocks(numel, block)]
+    return BlockCode(wire[:nc], scales.clone().view(torch.float32))  # a copy: aligned for float32
 
 
 def round_trip(values: torch.Tensor, compress: str, block: int = DEFAULT_BLOCK) -> torch.Tensor:

@@ -21,14 +21,18 @@ at most one fragment is ever in flight and it lands before the next one leaves (
 :meth:`StreamingSync.finalize`, which sends every fragment still apart at once).
 
 What each sync sends: a copy of the fragment taken at step t (training goes on in the parameters
-while the copy travels), or with compression its pseudo-gradient x_ref − x_k (:mod:`.compress`).
+while the copy travels), or with compression its pseudo-gradient x_ref − x_k (:mod:`.compress`;
+block codes of CPU float32 fragments are made and decoded in one fused pass by :mod:`.native_codec`,
+the same bits as the torch path).
 Floating buffers (BatchNorm statistics) ride with the last fragment and are averaged, never
 outer-stepped. Every guarantee of the blocking sync holds per fragment:
 
 * **Agreement and non-finite values.** A full check (:mod:`.check_words`: step, fragment round,
   element count, config, fragment index; each rank's first non-finite step) travels with the
-  payload. A rank whose losses or fragment copy are non-finite sends zeros, and the check is read
-  before the result is used: a non-finite fragment raises :class:`~localsgd.errors.NonFiniteError`
+  payload: beside it in a MAX all-reduce for summed payloads, inside it for block codes (appended to
+  each rank's code in the one all-gather; every rank takes the maximum of the K copies). A rank
+  whose losses or fragment copy are non-finite sends zeros, and the check is read before the
+  result is used: a non-finite fragment raises :class:`~localsgd.errors.NonFiniteError`
   on every rank and is never applied (``on_nonfinite=skip_round`` needs the blocking sync).
 * **Outer optimizers per fragment**: each fragment has its own (a copy of the configured one), so
   its momentum follows its own rounds.
@@ -53,6 +57,7 @@ import torch
 from .. import dist
 from ..errors import NonFiniteError, ScheduleDisagreementError
 from . import compress as codec
+from . import native_codec
 from .check_words import FullVerdict, decode_full_check, encode_full_check
 from .state import all_finite
 
@@ -133,6 +138,7 @@ class InFlight:
     sent: torch.Tensor | None = None  # merge="progress": the copy this rank sent
     # the round's inner LR γ_t at launch (SlowMo divides the displacement by it): the LR may change in flight
     inner_lr: float | None = None
+    check_rides: bool = False  # the check words travel at the end of each rank's code (read them out on finish)
 
 
 class StreamingSync:
@@ -200,6 +206,11 @@ class StreamingSync:
         self.round_completed_at = -1  # the local step at which the last round's last fragment landed
         self._finalizing = False
         self._build_fragments()
+        # Build (or load) the native codec now, not inside the first sync; "native" or why the torch path is used
+        self.codec_path = ""
+        if compress in codec.QMAX:
+            self.codec_path = "native" if self._native(self.fragments[0]) else (
+                native_codec.why_not or "torch: the native codec takes contiguous CPU float32 buffers")
 
     def describe(self) -> str:
         parts = [f"fragments={self.F}"] if self.F > 1 else []
@@ -309,24 +320,26 @@ class StreamingSync:
             bad_step = engine._local_nonfinite_step(scan_replica=False)
             if bad_step < 0 and not all_finite(frag.send):
                 bad_step = t
-            payload, averaged, overflow = self._encode(frag, world, bad=bad_step >= 0, group=group)
-            if overflow:
-                bad_step = t
-            next_h = 0 if self.periodic or self._finalizing else engine.schedule.fingerprint()
-            last = p == self.F - 1
-            words = encode_full_check([t, frag.syncs, frag.numel, engine.config_hash, next_h * self.F + p], world, me,
-                                      bad_step, engine.stop_requested, engine._mean_round_loss(),
-                                      [int(b) for b in engine.layout.int_buffers] if last else [])
-            check = torch.tensor(words, dtype=torch.int64, device=frag.send.device)
+            # A block code cannot overflow, so its check is known first and rides at the end of each rank's
+            # code in the one all-gather (every rank gets every rank's words and takes their maximum): one
+            # collective per fragment sync instead of two. Casts and plain floats are summed: theirs travels apart.
+            rides = self.compress in codec.QMAX and world > 1
+            if rides:
+                check = self._check(frag, t, world, me, bad_step)
+                payload, averaged, _ = self._encode(frag, world, bad_step >= 0, group, tail=check.view(torch.uint8))
+            else:
+                payload, averaged, overflow = self._encode(frag, world, bad=bad_step >= 0, group=group)
+                check = self._check(frag, t, world, me, t if overflow else bad_step)
             engine._round_loss = [0.0, 0]
             pending = InFlight(p, t, t + self.delay, payload, check, world, averaged,
-                               inner_lr=engine._current_lr() or 1.0)
+                               inner_lr=engine._current_lr() or 1.0, check_rides=rides)
             # world 1: the "average" is the copy sent, so the progress since is kept whatever the merge
             if (self.merge == "progress" or world == 1) and self.delay > 0 and not self._finalizing:
                 # the all-reduce of compress=none reduces the send buffer in place: keep the copy apart
                 pending.sent = frag.send.clone() if payload is frag.send else frag.send
             if world > 1:
-                pending.handles.append(dist.all_reduce_max_async(check, group=group))
+                if not rides:
+                    pending.handles.append(dist.all_reduce_max_async(check, group=group))
                 if self.compress in codec.QMAX:
                     gathered = torch.empty(world * payload.numel(), dtype=payload.dtype, device=payload.device)
                     pending.handles.append(dist.all_gather_into_tensor_async(gathered, payload, group=group))
@@ -337,15 +350,30 @@ class StreamingSync:
                 engine.stats.check_bytes += check.numel() * check.element_size()
         return pending
 
-    def _encode(self, frag: Fragment, world: int, bad: bool, group: Any) -> tuple[torch.Tensor, bool, bool]:
+    def _check(self, frag: Fragment, t: int, world: int, me: int, bad_step: int) -> torch.Tensor:
+        """The full check words (:mod:`.check_words`) this rank sends with fragment ``frag``'s sync at step t."""
+        engine = self.engine
+        next_h = 0 if self.periodic or self._finalizing else engine.schedule.fingerprint()
+        last = frag.index == self.F - 1
+        words = encode_full_check([t, frag.syncs, frag.numel, engine.config_hash, next_h * self.F + frag.index], world,
+                                  me, bad_step, engine.stop_requested, engine._mean_round_loss(),
+                                  [int(b) for b in engine.layout.int_buffers] if last else [])
+        return torch.tensor(words, dtype=torch.int64, device=frag.send.device)
+
+    def _encode(self, frag: Fragment, world: int, bad: bool, group: Any,
+                tail: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
         """The payload this rank sends, whether the collective averages (else it sums), and whether a cast
-        overflowed its format (fp16 beyond 65504: the payload is then zeros, as for a non-finite replica)."""
+        overflowed its format (fp16 beyond 65504: the payload is then zeros, as for a non-finite replica).
+        ``tail`` (bytes, block codes only) is appended to the code: the check words that ride with it."""
         averaged = world > 1 and dist.average_in_collective(group)
         if self.compress == "none":
             if bad:
                 frag.send.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
             return frag.send, averaged, False
         assert frag.ref is not None
+        if not bad and self.compress in codec.QMAX and self._native(frag):  # one fused pass from x_ref, x and e
+            keep, work = frag.residual, self._scratch("grid", frag)
+            return native_codec.encode(frag.ref, frag.send, keep, work, self.compress, self.block, tail), False, False
         delta = self._scratch("delta", frag)
         if bad:
             delta.zero_()
@@ -362,7 +390,11 @@ class StreamingSync:
             return wire, averaged, False
         keep = frag.residual if frag.residual is not None and not bad else None
         code = codec.encode_blocks(delta, self.compress, self.block, residual=keep, scratch=self._scratch("grid", frag))
-        return codec.pack_code(code), False, False
+        return codec.pack_code(code, tail), False, False
+
+    def _native(self, frag: Fragment) -> bool:
+        """Whether this fragment's block code runs in :mod:`.native_codec` (CPU float32 buffers, library built)."""
+        return native_codec.usable(frag.send, frag.ref) and (frag.residual is None or frag.residual.is_contiguous())
 
     def _scratch(self, name: str, frag: Fragment, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A work buffer of the fragment's length, kept between syncs (one per name and dtype, sized for the
@@ -381,6 +413,10 @@ class StreamingSync:
         for h in pending.handles:
             dist.wait(h, "LocalSGD fragment average")
         pending.handles = []
+        if pending.check_rides:  # every rank's words sit at the end of its code: their maximum, as an all-reduce
+            words = pending.payload.view(pending.world, -1)[:, -pending.check.numel() * 8:]
+            pending.check = words.contiguous().view(torch.int64).amax(dim=0)
+            pending.check_rides = False
         self.engine.stats.wait_seconds += time.perf_counter() - start
 
     def _apply(self, pending: InFlight, t: int) -> None:
@@ -436,6 +472,9 @@ class StreamingSync:
             mean = payload.to(torch.float32)
             if world > 1 and not pending.averaged_in_collective:
                 mean.div_(world)
+        elif self._native(frag):  # x_ref − mean in the same pass: the same bits as below
+            return native_codec.decode_mean(frag.ref, payload, world, self._scratch("mean", frag), self.compress,
+                                            self.block)
         else:
             wires = payload.view(world, -1)
             mean = self._scratch("mean", frag)
