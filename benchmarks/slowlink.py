@@ -21,7 +21,10 @@ per-rank batch draws and number of steps, at H = 16 local steps per round:
   DiLoCo", arXiv 2501.18512: F fragments, each all-reduced asynchronously at its own offset and applied
   tau steps later, mixed with weight alpha), compressed (int8 blocks of 256 with error feedback; Seide
   et al. 2014, Karimireddy et al. 2019, arXiv 1901.09847) and both; and the DiLoCo variants (Nesterov
-  outer step, lr 0.7, momentum 0.9; Douillard et al. 2023, arXiv 2311.08105).
+  outer step, lr 0.7, momentum 0.9; Douillard et al. 2023, arXiv 2311.08105). The block codes run in
+  the native codec (``localsgd.engine.native_codec``) where it builds; the ``*_torchcodec`` contenders
+  run the same int8 and int4 streaming on the torch path (the same bits), so what the fused C pass buys
+  is measured inside one run.
 
 The peers are an optional extra (``pip install -e '.[bench]'``); a peer that is not installed is
 skipped and named. Per repetition the contenders run in a seeded random order (interleaved, so a
@@ -92,6 +95,10 @@ CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours_streaming_compressed_int4": ("ours", {**STREAMING, "compress": "int4"}),
     "ours_diloco": ("ours", {"outer": True}),
     "ours_streaming_compressed_diloco": ("ours", {**STREAMING, "compress": "int8", "outer": True}),
+    # the same two runs with the block codes on the torch path instead of the native codec (the same bits):
+    # what the fused C pass buys, measured inside one run, interleaved with the others
+    "ours_streaming_compressed_torchcodec": ("ours", {**STREAMING, "compress": "int8", "codec": "torch"}),
+    "ours_streaming_compressed_int4_torchcodec": ("ours", {**STREAMING, "compress": "int4", "codec": "torch"}),
 }
 BLOCKING_PEERS = ("torch_averager", "accelerate_localsgd", "torchft_localsgd", "torchft_diloco")
 PEER_PACKAGES = {"accelerate": "accelerate", "torchft_localsgd": "torchft", "torchft_diloco": "torchft"}
@@ -251,21 +258,39 @@ class TorchftRun(Contender):
 
 
 class OursRun(Contender):
-    def __init__(self, model: Any, optimizer: Any, *, outer: bool = False, **streaming: Any) -> None:
+    def __init__(self, model: Any, optimizer: Any, *, outer: bool = False, codec: str = "native",
+                 **streaming: Any) -> None:
         from localsgd import LocalSGD
+        from localsgd.engine import native_codec
         from localsgd.outer import NesterovOuter
         from localsgd.schedules import Fixed
 
         super().__init__(model, optimizer)
+        # codec="torch": the block codes on the torch path for this contender (restored in finish)
+        self.saved_env = os.environ.get(native_codec.ENV)
+        if codec == "torch":
+            os.environ[native_codec.ENV] = "0"
+            native_codec.reset()
         self.local = LocalSGD(model, optimizer, Fixed(H), outer=NesterovOuter(OUTER_LR, OUTER_MOMENTUM) if outer
                               else None, **streaming)
+        sync = self.local.streaming
+        self.codec_path = sync.codec_path if sync is not None else ""
+        assert codec != "torch" or self.codec_path == f"{native_codec.ENV}=0", self.codec_path
 
     def step(self, loss: Any) -> None:
         self.local.step(loss)
 
     def finish(self) -> None:
+        from localsgd.engine import native_codec
+
         self.wait_seconds = self.local.stats.wait_seconds  # in the steps' sync calls, not the final sync
         self.local.finalize()
+        if os.environ.get(native_codec.ENV) != self.saved_env:
+            if self.saved_env is None:
+                del os.environ[native_codec.ENV]
+            else:
+                os.environ[native_codec.ENV] = self.saved_env
+            native_codec.reset()
 
 
 def _rank() -> int:
@@ -471,11 +496,12 @@ def table(s: dict[str, Any]) -> str:
             "ms_final_sync": "final ms",
             "test_accuracy": "acc %", "accuracy_delta_vs_blocking": "d acc", "seconds_to_target": "s to target",
             "mb_sent": "MB sent", "speedup_vs_best_peer": "vs best peer"}
-    head = f"{'contender':34s}" + "".join(f"{c:>12s}" for c in cols.values())
+    width = max([34, *(len(n) + 3 for n in s["contenders"])])
+    head = f"{'contender':{width}s}" + "".join(f"{c:>12s}" for c in cols.values())
     lines = [head]
     for name, d in s["contenders"].items():
         cells = "".join(f"{'-' if d[c] is None else d[c]:>12}" for c in cols)
-        lines.append(f"{name + (' *' if name == s['best'] else ''):34s}{cells}")
+        lines.append(f"{name + (' *' if name == s['best'] else ''):{width}s}{cells}")
     return "\n".join(lines)
 
 

@@ -110,7 +110,8 @@ def test_a_missing_peer_is_skipped_by_name(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.timeout(240)
 def test_a_tiny_loopback_run_prints_the_issue_keys() -> None:
     proc = subprocess.run([sys.executable, "benchmarks/slowlink.py", "--no-link", "--steps", "32", "--ddp-steps",
-                           "2", "--reps", "1", "--contenders", "floor,ddp,ours_blocking,ours_streaming_compressed"],
+                           "2", "--reps", "1", "--contenders",
+                           "floor,ddp,ours_blocking,ours_streaming_compressed,ours_streaming_compressed_torchcodec"],
                           cwd=ROOT, capture_output=True, text=True, timeout=230)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -119,7 +120,12 @@ def test_a_tiny_loopback_run_prints_the_issue_keys() -> None:
         assert key in result
         for d in result["contenders"].values():
             assert key in d
-    assert set(result["contenders"]) == {"floor", "ddp", "ours_blocking", "ours_streaming_compressed"}
+    assert set(result["contenders"]) == {"floor", "ddp", "ours_blocking", "ours_streaming_compressed",
+                                         "ours_streaming_compressed_torchcodec"}
+    # the native codec and the torch path compute the same bits: the twins end on the same accuracy per seed
+    native, torch_path = (result["contenders"][n] for n in ("ours_streaming_compressed",
+                                                             "ours_streaming_compressed_torchcodec"))
+    assert native["test_accuracy_seeds"] == torch_path["test_accuracy_seeds"]
     assert result["contenders"]["ours_blocking"]["accuracy_delta_vs_blocking"] == 0.0
 
 
