@@ -5,8 +5,8 @@ The torch path of an int8/int4 fragment sync makes about ten passes over the val
 to decode. ``codec.c`` (beside this file) does the same arithmetic value by value: encode reads
 x_ref, x and e once and writes the codes, the scales and the new residual; decode reads every
 rank's code once and writes x_ref − (1/K) Σ_k decode(code_k). Measured on one 275K-value fragment
-(one thread, ``benchmarks/codec.py``): int8 encode 3.5× and decode 4.2× faster than the torch path, int4
-5.5× and 7.7×.
+(one thread, ``benchmarks/codec.py``): int8 encode and decode about 4× faster than the torch path,
+int4 5× and 8× (its nibbles cost the torch path the most).
 
 **The same bits.** Every float operation in ``codec.c`` is one IEEE-754 binary32 operation, rounded
 to nearest, in the order the torch path applies them (each product rounded before its sum: both
