@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConfigError, LocalSGDError
 from . import compress as codec
 
 SOURCE = Path(__file__).with_name("codec.c")
@@ -50,7 +51,7 @@ ENV = "LOCALSGD_NATIVE_CODEC"
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
-class NativeCodecError(RuntimeError):
+class NativeCodecError(LocalSGDError):
     """The native codec was required (``LOCALSGD_NATIVE_CODEC=1``) and could not be built or loaded."""
 
 
@@ -68,7 +69,7 @@ def mode() -> str:
         return "on"
     if value in ("", "auto"):
         return "auto"
-    raise ValueError(f"{ENV}={value!r}: use 0 (the torch path), 1 (native, an error if it cannot be built) or auto")
+    raise ConfigError(f"{ENV}={value!r}: use 0 (the torch path), 1 (native, an error if it cannot be built) or auto")
 
 
 def _compiler() -> str | None:
