@@ -6,10 +6,9 @@ x_ref − (1/K) Σ_k decode(code_k) (:mod:`localsgd.engine.compress`). Both path
 (``tests/test_native_codec.py``); this measures what each costs, on one thread (as each rank of a
 training run has), with the buffers the engine keeps between syncs:
 
-* ``encode``: the engine's torch path (x_ref − x, + e, then ``encode_blocks`` with its kept grid and
-  ``pack_code``) against ``native_codec.encode``;
-* ``decode``: the torch path's rank-order ``accumulate_blocks`` and x_ref − mean against
-  ``native_codec.decode_mean``, K = 2.
+* ``encode``: the engine's torch path (``compress.encode_delta`` with its kept buffers) against
+  ``native_codec.encode``;
+* ``decode``: the torch path (``compress.decode_mean``) against ``native_codec.decode_mean``, K = 2.
 
 Sizes: 275K values (one of the 4 fragments of ``benchmarks/slowlink.py``'s 1.1M-parameter MLP) and
 4M (a fragment of a ~16M-parameter model; ``--quick`` skips it). Method: after warm-up, repetitions
@@ -49,22 +48,16 @@ def paths(n: int, compress: str, world: int = 2) -> dict[str, dict[str, object]]
     send = ref - 1e-3 * torch.randn(n, generator=g)
     residual = 1e-5 * torch.randn(n, generator=g)
     delta, grid, mean = torch.empty(n), torch.empty(n), torch.empty(n)
-    wires = torch.cat([native_codec.torch_encode(ref, send, residual.clone(), compress, BLOCK)] * world)
+    wires = torch.cat([codec.encode_delta(ref, send, residual.clone(), compress, BLOCK)] * world)
 
-    def torch_encode() -> object:  # what StreamingSync._encode does on the torch path
-        torch.sub(ref, send, out=delta)
-        delta.add_(residual)
-        code = codec.encode_blocks(delta, compress, BLOCK, residual=residual, scratch=grid)
-        return codec.pack_code(code)
+    def torch_encode() -> object:  # StreamingSync._encode's torch path, with its kept buffers
+        return codec.encode_delta(ref, send, residual, compress, BLOCK, delta=delta, grid=grid)
 
     def native_encode() -> object:
         return native_codec.encode(ref, send, residual, grid, compress, BLOCK)
 
-    def torch_decode() -> object:  # what StreamingSync._decode does on the torch path
-        for r, wire in enumerate(wires.view(world, -1)):
-            code = codec.unpack_code(wire, n, compress, BLOCK)
-            codec.accumulate_blocks(mean, code, compress, BLOCK, weight=1.0 / world, scratch=grid, overwrite=r == 0)
-        return torch.sub(ref, mean, out=mean)
+    def torch_decode() -> object:  # StreamingSync._decode's torch path
+        return codec.decode_mean(ref, wires, world, compress, BLOCK, out=mean, grid=grid)
 
     def native_decode() -> object:
         return native_codec.decode_mean(ref, wires, world, mean, compress, BLOCK)

@@ -170,6 +170,31 @@ def unpack_code(wire: torch.Tensor, numel: int, compress: str, block: int = DEFA
     return BlockCode(wire[:nc], scales.clone().view(torch.float32))  # a copy: aligned for float32
 
 
+def encode_delta(ref: torch.Tensor, send: torch.Tensor, residual: torch.Tensor | None, compress: str,
+                 block: int = DEFAULT_BLOCK, *, delta: torch.Tensor | None = None, grid: torch.Tensor | None = None,
+                 tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The wire buffer (:func:`pack_code`, then ``tail``) of the block code of Δ = ref − send (+ ``residual``,
+    which then receives what the code drops). ``delta`` and ``grid``: float32 work buffers of the same length,
+    kept by the caller between syncs (fresh ones when None)."""
+    delta = torch.sub(ref, send, out=torch.empty(ref.numel(), device=ref.device) if delta is None else delta)
+    if residual is not None:
+        delta.add_(residual)
+    return pack_code(encode_blocks(delta, compress, block, residual=residual, scratch=grid), tail)
+
+
+def decode_mean(ref: torch.Tensor, wires: torch.Tensor, world: int, compress: str, block: int = DEFAULT_BLOCK, *,
+                out: torch.Tensor | None = None, grid: torch.Tensor | None = None) -> torch.Tensor:
+    """``ref − (1/world) Σ_r decode(code_r)`` in float32, the ``world`` wire buffers back to back in ``wires``
+    and summed in rank order (every rank sums the same codes the same way). ``out`` and ``grid``: float32
+    buffers of ``ref``'s length (fresh ones when None)."""
+    n = ref.numel()
+    out = torch.empty(n, device=ref.device) if out is None else out
+    for r, wire in enumerate(wires.view(world, -1)):
+        code = unpack_code(wire, n, compress, block)
+        accumulate_blocks(out, code, compress, block, weight=1.0 / world, scratch=grid, overwrite=r == 0)
+    return torch.sub(ref, out, out=out)
+
+
 def round_trip(values: torch.Tensor, compress: str, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """decode(code(values)) as this rank's own contribution would be decoded (float32)."""
     if compress == "none":

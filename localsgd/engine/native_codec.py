@@ -232,23 +232,6 @@ def decode_mean(ref: torch.Tensor, wires: torch.Tensor, world: int, out: torch.T
     return _decode_mean(lib, ref, wires, world, out, compress, block)
 
 
-# ------------------------------------------------------------------------- the torch path, for the probe
-def torch_encode(ref: torch.Tensor, send: torch.Tensor, residual: torch.Tensor | None, compress: str,
-                 block: int) -> torch.Tensor:
-    delta = torch.sub(ref, send)
-    if residual is not None:
-        delta.add_(residual)
-    return codec.pack_code(codec.encode_blocks(delta, compress, block, residual=residual))
-
-
-def torch_decode_mean(ref: torch.Tensor, wires: torch.Tensor, world: int, compress: str, block: int) -> torch.Tensor:
-    n, mean = ref.numel(), torch.empty_like(ref)
-    for r, wire in enumerate(wires.view(world, -1)):
-        code = codec.unpack_code(wire, n, compress, block)
-        codec.accumulate_blocks(mean, code, compress, block, weight=1.0 / world, overwrite=r == 0)
-    return torch.sub(ref, mean)
-
-
 def _probe(lib: ctypes.CDLL) -> str:
     """'' if ``lib`` reproduces the torch path on a probe (both codes, odd sizes, a short last block, a zero
     block, with and without error feedback, 1 to 3 ranks); else what differed."""
@@ -262,14 +245,14 @@ def _probe(lib: ctypes.CDLL) -> str:
                 send[:block] = ref[:block]  # a block of zeros: scale 0
                 residual = torch.randn(n, generator=g) * 1e-3 if r != 1 else None
                 mine = None if residual is None else residual.clone()
-                want = torch_encode(ref, send, residual, compress, block)
+                want = codec.encode_delta(ref, send, residual, compress, block)
                 got = _encode(lib, ref, send, mine, torch.empty(n), compress, block)
                 if not torch.equal(want, got) or (residual is not None and not torch.equal(residual, mine)):
                     return f"encode {compress}, {n} values, block {block}"
                 wires.append(want)
             for world in (1, 2, 3):
                 both = torch.cat(wires[:world])
-                want = torch_decode_mean(ref, both, world, compress, block)
+                want = codec.decode_mean(ref, both, world, compress, block)
                 if not torch.equal(want, _decode_mean(lib, ref, both, world, torch.empty(n), compress, block)):
                     return f"decode {compress}, {n} values, block {block}, {world} ranks"
     return ""

@@ -371,26 +371,30 @@ class StreamingSync:
                 frag.send.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
             return frag.send, averaged, False
         assert frag.ref is not None
-        if not bad and self.compress in codec.QMAX and self._native(frag):  # one fused pass from x_ref, x and e
-            keep, work = frag.residual, self._scratch("grid", frag)
-            return native_codec.encode(frag.ref, frag.send, keep, work, self.compress, self.block, tail), False, False
-        delta = self._scratch("delta", frag)
+        delta = self._scratch("delta", frag)  # kept buffers: no fresh pages per sync
+        if self.compress in codec.QMAX:
+            grid = self._scratch("grid", frag)
+            if bad:  # zeros: nothing of a non-finite replica enters the others' sums
+                code = codec.encode_blocks(delta.zero_(), self.compress, self.block, scratch=grid)
+                return codec.pack_code(code, tail), False, False
+            if self._native(frag):  # one fused pass from x_ref, x and e: the same bits as the torch path
+                wire = native_codec.encode(frag.ref, frag.send, frag.residual, grid, self.compress, self.block, tail)
+            else:
+                wire = codec.encode_delta(frag.ref, frag.send, frag.residual, self.compress, self.block, delta=delta,
+                                          grid=grid, tail=tail)
+            return wire, False, False
         if bad:
             delta.zero_()
         else:
             torch.sub(frag.ref, frag.send, out=delta)  # the pseudo-gradient x_ref − x_k
             if frag.residual is not None:
                 delta.add_(frag.residual)
-        if self.compress in codec.CAST_DTYPES:
-            wire = delta.to(codec.CAST_DTYPES[self.compress])
-            if not bad and not all_finite(wire):  # |Δ| beyond fp16's range: inf, never summed into the others
-                return wire.zero_(), averaged, True
-            if frag.residual is not None and not bad:
-                frag.residual.copy_(delta).sub_(wire.to(torch.float32))
-            return wire, averaged, False
-        keep = frag.residual if frag.residual is not None and not bad else None
-        code = codec.encode_blocks(delta, self.compress, self.block, residual=keep, scratch=self._scratch("grid", frag))
-        return codec.pack_code(code, tail), False, False
+        wire = delta.to(codec.CAST_DTYPES[self.compress])
+        if not bad and not all_finite(wire):  # |Δ| beyond fp16's range: inf, never summed into the others
+            return wire.zero_(), averaged, True
+        if frag.residual is not None and not bad:
+            frag.residual.copy_(delta).sub_(wire.to(torch.float32))
+        return wire, averaged, False
 
     def _native(self, frag: Fragment) -> bool:
         """Whether this fragment's block code runs in :mod:`.native_codec` (CPU float32 buffers, library built)."""
@@ -468,21 +472,17 @@ class StreamingSync:
                 payload.div_(world)
             return payload
         assert frag.ref is not None
-        if self.compress in codec.CAST_DTYPES:
+        if self.compress in codec.QMAX:
+            mean = self._scratch("mean", frag)
+            if self._native(frag):  # x_ref − mean in one pass: the torch path's bits
+                return native_codec.decode_mean(frag.ref, payload, world, mean, self.compress, self.block)
+            mean = codec.decode_mean(frag.ref, payload, world, self.compress, self.block, out=mean,
+                                     grid=self._scratch("grid", frag))
+        else:
             mean = payload.to(torch.float32)
             if world > 1 and not pending.averaged_in_collective:
                 mean.div_(world)
-        elif self._native(frag):  # x_ref − mean in the same pass: the same bits as below
-            return native_codec.decode_mean(frag.ref, payload, world, self._scratch("mean", frag), self.compress,
-                                            self.block)
-        else:
-            wires = payload.view(world, -1)
-            mean = self._scratch("mean", frag)
-            for r in range(world):  # rank order: every rank sums the same codes the same way
-                code = codec.unpack_code(wires[r], frag.numel, self.compress, self.block)
-                codec.accumulate_blocks(mean, code, self.compress, self.block, weight=1.0 / world,
-                                        scratch=self._scratch("grid", frag), overwrite=r == 0)
-        torch.sub(frag.ref, mean, out=mean)  # x_ref − mean pseudo-gradient: the fragment's average
+            torch.sub(frag.ref, mean, out=mean)  # x_ref − mean pseudo-gradient: the fragment's average
         return mean if frag.send.dtype == torch.float32 else mean.to(frag.send.dtype)
 
     # ---------------------------------------------------------------- the end
