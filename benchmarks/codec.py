@@ -8,7 +8,13 @@ training run has), with the buffers the engine keeps between syncs:
 
 * ``encode``: the engine's torch path (``compress.encode_delta`` with its kept buffers) against
   ``native_codec.encode``;
-* ``decode``: the torch path (``compress.decode_mean``) against ``native_codec.decode_mean``, K = 2.
+* ``decode``: the torch path (``compress.decode_mean``) against ``native_codec.decode_mean``, K = 2;
+* ``land``: what a fragment's landing does with ``merge=progress`` (decode, x_ref ← x̄, live ← live +
+  (x̄ − sent)): the torch path's three steps against ``native_codec.land``'s one pass, K = 2.
+
+The native encode reads the live values and writes the copy a delayed merge keeps in the same pass
+(``copy_out``), with a one-block scratch and a kept wire buffer, as ``StreamingSync`` calls it; the torch
+encode is given the gathered copy it needs (the gather pass is not timed on either side).
 
 Sizes: 275K values (one of the 4 fragments of ``benchmarks/slowlink.py``'s 1.1M-parameter MLP) and
 4M (a fragment of a ~16M-parameter model; ``--quick`` skips it). Method: after warm-up, repetitions
@@ -48,22 +54,40 @@ def paths(n: int, compress: str, world: int = 2) -> dict[str, dict[str, object]]
     send = ref - 1e-3 * torch.randn(n, generator=g)
     residual = 1e-5 * torch.randn(n, generator=g)
     delta, grid, mean = torch.empty(n), torch.empty(n), torch.empty(n)
+    work, copy = torch.empty(native_codec.work_numel(n, BLOCK)), torch.empty(n)
     wires = torch.cat([codec.encode_delta(ref, send, residual.clone(), compress, BLOCK)] * world)
+    wire = torch.empty(wires.numel() // world, dtype=torch.uint8)
+    live, sent = send + 1e-4 * torch.randn(n, generator=g), send.clone()
+    ref_a, ref_b, live_a, live_b = ref.clone(), ref.clone(), live.clone(), live.clone()
 
     def torch_encode() -> object:  # StreamingSync._encode's torch path, with its kept buffers
         return codec.encode_delta(ref, send, residual, compress, BLOCK, delta=delta, grid=grid)
 
-    def native_encode() -> object:
-        return native_codec.encode(ref, send, residual, grid, compress, BLOCK)
+    def native_encode() -> object:  # reads the live values and takes the copy in the same pass
+        return native_codec.encode(ref, send, residual, work, compress, BLOCK, copy_out=copy, wire=wire)
 
     def torch_decode() -> object:  # StreamingSync._decode's torch path
         return codec.decode_mean(ref, wires, world, compress, BLOCK, out=mean, grid=grid)
 
     def native_decode() -> object:
-        return native_codec.decode_mean(ref, wires, world, mean, compress, BLOCK)
+        return native_codec.decode_mean(ref, wires, world, mean, compress, BLOCK, work=work)
+
+    # the landing updates x_ref and the live values in place; each side keeps its own, restored every call
+    def torch_land() -> object:  # StreamingSync._land: decode, x_ref ← x̄, live ← live + (x̄ − sent)
+        ref_a.copy_(ref)
+        live_a.copy_(live)
+        average = codec.decode_mean(ref_a, wires, world, compress, BLOCK, out=mean, grid=grid)
+        ref_a.copy_(average)
+        return live_a.add_(torch.sub(average, sent, out=delta))
+
+    def native_land() -> object:
+        ref_b.copy_(ref)
+        live_b.copy_(live)
+        return native_codec.land(ref_b, wires, world, work, compress, BLOCK, update_ref=True, live=live_b, sent=sent)
 
     return {"encode": {"torch": torch_encode, "native": native_encode},
-            "decode": {"torch": torch_decode, "native": native_decode}}
+            "decode": {"torch": torch_decode, "native": native_decode},
+            "land": {"torch": torch_land, "native": native_land}}
 
 
 def measure(fns: dict[str, object], reps: int, warmup: int, inner: int, seed: int) -> dict[str, float]:
@@ -102,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     reps = args.reps or (15 if args.quick else 40)
     results: dict[str, dict[str, dict[str, float]]] = {}
     print(f"one fragment's block code, 1 thread, median of {reps} interleaved repetitions of {args.inner} calls "
-          f"(decode: 2 ranks' codes); torch {torch.__version__}")
+          f"(decode, land: 2 ranks' codes; land includes restoring x_ref and the live values, both sides); "
+          f"torch {torch.__version__}")
     print(f"{'code':<6}{'values':>10}{'op':>8}{'torch us':>11}{'native us':>11}{'native/torch':>14}")
     for compress in ("int8", "int4"):
         for n in sizes:

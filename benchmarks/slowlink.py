@@ -21,7 +21,11 @@ per-rank batch draws and number of steps, at H = 16 local steps per round:
   DiLoCo", arXiv 2501.18512: F fragments, each all-reduced asynchronously at its own offset and applied
   tau steps later, mixed with weight alpha), compressed (int8 blocks of 256 with error feedback; Seide
   et al. 2014, Karimireddy et al. 2019, arXiv 1901.09847) and both; and the DiLoCo variants (Nesterov
-  outer step, lr 0.7, momentum 0.9; Douillard et al. 2023, arXiv 2311.08105). The block codes run in
+  outer step, lr 0.7, momentum 0.9; Douillard et al. 2023, arXiv 2311.08105). The streaming ones use
+  F = 4, tau = 3 (a fragment's code then has 3 steps to cross a 100 Mbit/s link) except
+  ``ours_streaming_compressed_f1``, the setting for a fast link: the whole model as one fragment,
+  applied tau = 2 steps after it leaves (at 1 Gbit/s its code lands within a step, and one sync a
+  round pays the fixed costs of a collective and its coding once instead of F times). The block codes run in
   the native codec (``localsgd.engine.native_codec``) where it builds; the ``*_torchcodec`` contenders
   run the same int8 and int4 streaming on the torch path (the same bits), so what the fused C pass buys
   is measured inside one run.
@@ -77,6 +81,10 @@ WIDTH = 1024
 # ours streaming: F = 4 fragments, each applied tau = 3 steps after it leaves (the most H/F = 4 allows),
 # added to the progress made meanwhile (merge=progress); Streaming DiLoCo's alpha-mix is --merge mix --mix A
 STREAMING = {"fragments": 4, "delay": 3, "mix": 0.0, "merge": "progress"}
+# for a fast link: the whole model as one fragment, applied tau = 2 steps after it leaves. At 1 Gbit/s its
+# int8 code (1.1 MB, ~9 ms) lands within a step, and one sync a round pays the per-collective costs
+# (Gloo's launch, the coding passes) once instead of F times; at 100 Mbit/s (~90 ms) it would wait
+STREAMING_ONE = {"fragments": 1, "delay": 2, "mix": 0.0, "merge": "progress"}
 CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "floor": ("floor", {}),
     "ddp": ("ddp", {}),
@@ -93,6 +101,7 @@ CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours_compressed": ("ours", {"compress": "int8"}),
     "ours_streaming_compressed": ("ours", {**STREAMING, "compress": "int8"}),
     "ours_streaming_compressed_int4": ("ours", {**STREAMING, "compress": "int4"}),
+    "ours_streaming_compressed_f1": ("ours", {**STREAMING_ONE, "compress": "int8"}),
     "ours_diloco": ("ours", {"outer": True}),
     "ours_streaming_compressed_diloco": ("ours", {**STREAMING, "compress": "int8", "outer": True}),
     # the same two runs with the block codes on the torch path instead of the native codec (the same bits):
@@ -572,6 +581,18 @@ def run(contenders: dict[str, tuple[str, dict[str, Any]]], reps: int, steps: int
     return [v for _, v in out]
 
 
+def contender_options(names: list[str], given: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """(kind, options) per contender: the streaming options ``given`` (None: not given) override those of every
+    ``ours_streaming*`` contender; each keeps its own otherwise."""
+    out = {}
+    for n in names:
+        kind, options = CONTENDERS[n]
+        if n.startswith("ours_streaming"):
+            options = {**options, **{k: v for k, v in given.items() if v is not None}}
+        out[n] = (kind, options)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a subset of contenders, 1 repetition, 96 steps")
@@ -584,10 +605,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 400)")
     ap.add_argument("--ddp-steps", type=int, default=None, help="steps DDP is timed over (default 48)")
     ap.add_argument("--contenders", default="", help="comma-separated subset (default: all)")
-    ap.add_argument("--fragments", type=int, default=STREAMING["fragments"], help="ours_streaming*: sync.fragments")
-    ap.add_argument("--delay", type=int, default=STREAMING["delay"], help="ours_streaming*: sync.delay")
-    ap.add_argument("--mix", type=float, default=STREAMING["mix"], help="ours_streaming*: sync.mix")
-    ap.add_argument("--merge", default=STREAMING.get("merge", "mix"), help="ours_streaming*: sync.merge")
+    ap.add_argument("--fragments", type=int, default=None, help="sync.fragments of every ours_streaming* contender "
+                    f"(default: each its own, {STREAMING['fragments']}, or {STREAMING_ONE['fragments']} for *_f1)")
+    ap.add_argument("--delay", type=int, default=None, help="sync.delay of every ours_streaming* contender "
+                    f"(default: each its own, {STREAMING['delay']}, or {STREAMING_ONE['delay']} for *_f1)")
+    ap.add_argument("--mix", type=float, default=None, help="sync.mix of every ours_streaming* contender")
+    ap.add_argument("--merge", default=None, help="sync.merge of every ours_streaming* contender")
     ap.add_argument("--target-acc", type=float, default=None,
                     help="test accuracy (%%) for seconds_to_target (default: 95%% of ours_blocking's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -608,13 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     ddp_steps = args.ddp_steps or (8 if args.quick else 48)
     if steps % H:
         ap.error(f"--steps must be a multiple of H = {H}, got {steps}")
-    contenders = {}
-    for n in names:
-        kind, options = CONTENDERS[n]
-        if n.startswith("ours_streaming"):
-            options = {**options, "fragments": args.fragments, "delay": args.delay, "mix": args.mix,
-                       "merge": args.merge}
-        contenders[n] = (kind, options)
+    given = {"fragments": args.fragments, "delay": args.delay, "mix": args.mix, "merge": args.merge}
+    contenders = contender_options(names, given)
 
     import torch
 

@@ -25,7 +25,7 @@ def test_codec_benchmark_prints_a_ratio_per_code_and_operation() -> None:
         return
     assert set(result["results"]) == {"int8", "int4"}
     for per in result["results"].values():
-        assert set(per) == {"encode_275000", "decode_275000"}
+        assert set(per) == {"encode_275000", "decode_275000", "land_275000"}
         for r in per.values():
             assert r["torch_us"] > 0 and r["native_us"] > 0
             assert r["ratio_native_vs_torch"] == pytest.approx(r["native_us"] / r["torch_us"], abs=2e-3)

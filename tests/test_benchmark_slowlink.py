@@ -98,6 +98,18 @@ def test_a_worse_accuracy_disqualifies_a_faster_configuration() -> None:
     assert s["best"] == "ours_blocking"
 
 
+def test_streaming_options_override_every_streaming_contender_only_when_given() -> None:
+    names = ["ours_blocking", "ours_streaming_compressed", "ours_streaming_compressed_f1"]
+    none = {"fragments": None, "delay": None, "mix": None, "merge": None}
+    own = slowlink.contender_options(names, none)
+    assert own["ours_streaming_compressed"][1] == {**slowlink.STREAMING, "compress": "int8"}
+    assert own["ours_streaming_compressed_f1"][1] == {"fragments": 1, "delay": 2, "mix": 0.0, "merge": "progress",
+                                                      "compress": "int8"}
+    both = slowlink.contender_options(names, {**none, "delay": 1})
+    assert [both[n][1]["delay"] for n in names[1:]] == [1, 1]
+    assert both["ours_streaming_compressed_f1"][1]["fragments"] == 1 and both["ours_blocking"] == own["ours_blocking"]
+
+
 def test_a_missing_peer_is_skipped_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     real = slowlink.importlib.util.find_spec
     monkeypatch.setattr(slowlink.importlib.util, "find_spec", lambda n: None if n == "torchft" else real(n))

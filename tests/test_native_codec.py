@@ -15,12 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from localsgd.engine import compress as codec
 from localsgd.engine import native_codec
 
 from .distributed import run_ok
-from .test_streaming import _progress_to_the_end
+from .test_streaming import _bn_model, _progress_to_the_end
 
 needs_native = pytest.mark.skipif(native_codec.mode() == "off" or native_codec.library() is None,
                                   reason=f"native codec unavailable here: {native_codec.why_not}")
@@ -54,14 +55,19 @@ def _case(seed: int, n: int, block: int, world: int) -> tuple[torch.Tensor, list
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_native_codes_and_averages_are_the_torch_paths_bits(compress: str, n: int, block: int, seed: int) -> None:
     ref, sends, residuals = _case(seed, n, block, 4)
+    work = torch.full((native_codec.work_numel(n, block),), float("nan"))  # one block: no fragment-sized scratch
     wires = []
-    for send, residual in zip(sends, residuals):
+    for r, (send, residual) in enumerate(zip(sends, residuals)):
         want_res = None if residual is None else residual.clone()
         got_res = None if residual is None else residual.clone()
         want = codec.encode_delta(ref, send, want_res, compress, block)
-        got = native_codec.encode(ref, send, got_res, torch.empty(n), compress, block)
-        assert torch.equal(want, got)  # codes and scales
+        copy = torch.full((n,), float("nan")) if r % 2 else None  # the copy a delayed merge keeps, same pass
+        wire = torch.full((want.numel(),), 0xA5, dtype=torch.uint8) if r < 2 else None  # a kept wire buffer
+        got = native_codec.encode(ref, send, got_res, work, compress, block, copy_out=copy, wire=wire)
+        assert torch.equal(want, got)  # codes and scales (int4: the pad nibble too)
         assert want_res is None or torch.equal(want_res, got_res)
+        assert copy is None or torch.equal(copy, send)
+        assert wire is None or got is wire
         wires.append(got)
     for world in (1, 2, 3, 4):
         both = torch.cat(wires[:world])
@@ -72,12 +78,42 @@ def test_native_codes_and_averages_are_the_torch_paths_bits(compress: str, n: in
 
 @needs_native
 @pytest.mark.parametrize("compress", ["int8", "int4"])
+@pytest.mark.parametrize(("n", "block"), [(1, 256), (1001, 256), (515, 7), (999, 64)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_native_landing_is_the_torch_paths_decode_copies_and_merge(compress: str, n: int, block: int,
+                                                                        seed: int) -> None:
+    """x_ref ← x̄, live ← x̄ or live + (x̄ − sent) over the first n_live values, x̄ into ``out`` after them."""
+    ref, sends, residuals = _case(seed, n, block, 3)
+    wires = torch.cat([codec.encode_delta(ref, s, r, compress, block) for s, r in zip(sends, residuals)])
+    g = torch.Generator().manual_seed(seed + 10)
+    work = torch.empty(native_codec.work_numel(n, block))
+    cases = ((1, 0, "copy"), (2, n, "progress"), (3, n // 2, "progress"), (2, max(n - 3, 1), "copy"))
+    for world, n_live, merge in cases:
+        both = wires[: world * (wires.numel() // 3)]
+        mean = codec.decode_mean(ref, both, world, compress, block)
+        live, sent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+        want_live = live.clone()
+        if merge == "progress":
+            want_live[:n_live].add_(torch.sub(mean[:n_live], sent[:n_live]))  # the torch path's write
+        else:
+            want_live[:n_live].copy_(mean[:n_live])
+        got_ref, got_live, out = ref.clone(), live.clone(), torch.full((n,), float("nan"))
+        native_codec.land(got_ref, both, world, work, compress, block, out=out, out_from=n_live, update_ref=True,
+                          live=got_live[:n_live] if n_live else None,
+                          sent=sent if merge == "progress" and n_live else None)
+        assert torch.equal(got_ref, mean), world
+        assert torch.equal(got_live, want_live), world  # and nothing written past n_live
+        assert torch.equal(out[n_live:], mean[n_live:]) and bool(out[:n_live].isnan().all()), world
+
+
+@needs_native
+@pytest.mark.parametrize("compress", ["int8", "int4"])
 def test_the_native_code_decodes_within_half_a_quantum_and_carries_its_tail(compress: str) -> None:
     g = torch.Generator().manual_seed(3)
     n, block, qmax = 1000, 256, codec.QMAX[compress]
     ref, send = torch.randn(n, generator=g), torch.randn(n, generator=g)
     tail = torch.arange(24, dtype=torch.uint8)
-    wire = native_codec.encode(ref, send, None, torch.empty(n), compress, block, tail=tail)
+    wire = native_codec.encode(ref, send, None, torch.empty(block), compress, block, tail=tail)
     assert wire.numel() == codec.wire_bytes(n, compress, 4, block) + 24 and torch.equal(wire[-24:], tail)
     mean = native_codec.decode_mean(ref, wire, 1, torch.empty(n), compress, block)  # ref − decode(code(ref − send))
     delta = ref - send
@@ -116,14 +152,19 @@ def test_a_corrupt_cached_library_is_rebuilt(fresh_build: Path) -> None:
 
 
 def test_the_probe_refuses_a_library_that_computes_something_else() -> None:
-    def encode_zeros(ref, send, residual, work, codes, scales, n, block, qmax, pack4):
+    def encode_zeros(ref, x, copy_out, residual, work, codes, scales, n, block, qmax, pack4):
         return None  # writes nothing: the wire keeps whatever torch.empty held, or zeros
 
-    def decode_copy(*args):
+    def land_nothing(*args):
         return None
 
-    fake = SimpleNamespace(lsgd_encode=encode_zeros, lsgd_decode_mean=decode_copy)
+    fake = SimpleNamespace(lsgd_encode=encode_zeros, lsgd_land=land_nothing)
     assert native_codec._probe(fake).startswith("encode int8")
+
+    real = native_codec.library()
+    if real is not None:  # a right encode and a landing that leaves the live parameters alone: refused too
+        assert native_codec._probe(SimpleNamespace(lsgd_encode=real.lsgd_encode, lsgd_land=land_nothing)) \
+            == "land int8, 1001 values, block 256, 1 ranks"
 
 
 # ------------------------------------------------------------------------------- end to end, 2 ranks
@@ -135,6 +176,46 @@ def _streaming_run(rank: int, world: int, native_ranks: tuple[int, ...]) -> dict
     native_codec.reset()
     path = "native" if native_codec.library() is not None else native_codec.why_not
     return {"params": _progress_to_the_end(rank, world, "int8"), "path": path}
+
+
+def _bn_streaming_run(rank: int, world: int, native_ranks: tuple[int, ...], compress: str) -> dict:
+    """A float32 BatchNorm model: its last fragment carries the float buffers after the parameters, so the
+    native encode reads a gathered copy there and the landing writes the buffers from the average."""
+    import os
+
+    import localsgd
+    from localsgd.schedules import Fixed
+
+    os.environ[native_codec.ENV] = "1" if rank in native_ranks else "0"
+    native_codec.reset()
+    model = _bn_model().float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sync = localsgd.LocalSGD(model, opt, schedule=Fixed(4), fragments=2, delay=1, merge="progress", compress=compress)
+    gen = torch.Generator().manual_seed(100 + rank)
+    for _ in range(13):
+        x = torch.randn(8, 5, generator=gen) * (rank + 1)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,), generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync.step(loss=loss)
+    replica = [t.detach().reshape(-1).tolist() for t in model.state_dict().values()]
+    sync.finalize()
+    return {"replica": replica, "final": [t.detach().reshape(-1).tolist() for t in model.state_dict().values()],
+            "path": sync.streaming.codec_path}
+
+
+@needs_native
+@pytest.mark.slow
+@pytest.mark.parametrize("compress", ["int8", "int4"])
+def test_a_model_with_float_buffers_streams_to_the_same_bits_on_either_path(compress: str) -> None:
+    native = run_ok(_bn_streaming_run, 2, (0, 1), compress, timeout_s=90)
+    torch_path = run_ok(_bn_streaming_run, 2, (), compress, timeout_s=90)
+    assert [r["path"] for r in native] == ["native"] * 2
+    assert [r["path"] for r in torch_path] == ["LOCALSGD_NATIVE_CODEC=0"] * 2
+    for a, b in zip(native, torch_path):  # each rank's replica mid-round (a merge landed at step 13) and at the end
+        assert a["replica"] == b["replica"] and a["final"] == b["final"]
+    assert native[0]["final"] == native[1]["final"] and native[0]["replica"] != native[1]["replica"]
 
 
 @needs_native

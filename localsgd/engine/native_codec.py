@@ -2,11 +2,14 @@
 
 The torch path of an int8/int4 fragment sync makes about ten passes over the values to encode
 (x_ref − x, + e, |·|, max, ÷ s, round, clamp, the residual, the cast, the pack) and four per rank
-to decode. ``codec.c`` (beside this file) does the same arithmetic value by value: encode reads
-x_ref, x and e once and writes the codes, the scales and the new residual; decode reads every
-rank's code once and writes x_ref − (1/K) Σ_k decode(code_k). Measured on one 275K-value fragment
-(one thread, ``benchmarks/codec.py``): int8 encode and decode about 4× faster than the torch path,
-int4 5× and 8× (its nibbles cost the torch path the most).
+to decode, then three more to land the average (x_ref ← x̄, and live + (x̄ − sent) for a delayed
+merge). ``codec.c`` (beside this file) does the same arithmetic value by value, a block at a time in
+a one-block scratch: :func:`encode` reads x_ref, x (the live parameters) and e once and writes the
+codes, the scales, the new residual and, for a delayed merge, the copy of x it needs;
+:func:`land` reads every rank's code once and writes x̄ = x_ref − (1/K) Σ_k decode(code_k) into x_ref
+and into the live parameters (x̄, or live + (x̄ − sent)). Measured on one 275K-value fragment (one
+thread, ``benchmarks/codec.py``): int8 encode, decode and landing 3–4× faster than the torch path,
+int4 4–6× (its nibbles cost the torch path the most).
 
 **The same bits.** Every float operation in ``codec.c`` is one IEEE-754 binary32 operation, rounded
 to nearest, in the order the torch path applies them (each product rounded before its sum: both
@@ -44,7 +47,7 @@ from ..errors import ConfigError, LocalSGDError
 from . import compress as codec
 
 SOURCE = Path(__file__).with_name("codec.c")
-ABI = 1
+ABI = 2
 BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off")
 ENV = "LOCALSGD_NATIVE_CODEC"
 
@@ -123,9 +126,10 @@ def _open(path: Path) -> ctypes.CDLL:
     if lib.lsgd_codec_abi() != ABI:
         raise RuntimeError(f"{path} has ABI {lib.lsgd_codec_abi()}, not {ABI}")
     lib.lsgd_encode.restype = _I64
-    lib.lsgd_encode.argtypes = [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32]
-    lib.lsgd_decode_mean.restype = None
-    lib.lsgd_decode_mean.argtypes = [_P, _P, _I64, _I32, _P, _I64, _I64, _I32, ctypes.c_float, _I32]
+    lib.lsgd_encode.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32]
+    lib.lsgd_land.restype = None
+    lib.lsgd_land.argtypes = [_P, _P, _I64, _I32, _P, _P, _I64, _I32, _P, _P, _I64, _I64, _I64, _I32,
+                              ctypes.c_float, _I32]
     return lib
 
 
@@ -190,55 +194,101 @@ def usable(*tensors: torch.Tensor) -> bool:
     return library() is not None
 
 
-def _encode(lib: ctypes.CDLL, ref: torch.Tensor, send: torch.Tensor, residual: torch.Tensor | None,
-            work: torch.Tensor, compress: str, block: int, tail: torch.Tensor | None = None) -> torch.Tensor:
+def wire_bytes(n: int, compress: str, block: int, tail_bytes: int = 0) -> int:
+    """Length of one rank's wire buffer: the codes, the float32 scales, then ``tail_bytes``."""
+    return codec.code_bytes(n, compress, block) + 4 * codec.n_blocks(n, block) + tail_bytes
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _encode(lib: ctypes.CDLL, ref: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+            work: torch.Tensor, compress: str, block: int, tail: torch.Tensor | None = None,
+            copy_out: torch.Tensor | None = None, wire: torch.Tensor | None = None) -> torch.Tensor:
     n = ref.numel()
     codes = codec.code_bytes(n, compress, block)
-    length = codes + 4 * codec.n_blocks(n, block)
-    wire = torch.empty(length + (0 if tail is None else tail.numel()), dtype=torch.uint8)
+    length = wire_bytes(n, compress, block)
+    total = length + (0 if tail is None else tail.numel())
+    wire = torch.empty(total, dtype=torch.uint8) if wire is None else wire
     if tail is not None:
         wire[length:].copy_(tail)
-    lib.lsgd_encode(ref.data_ptr(), send.data_ptr(), None if residual is None else residual.data_ptr(),
-                    work.data_ptr(), wire.data_ptr(), wire.data_ptr() + codes, n, block, codec.QMAX[compress],
+    lib.lsgd_encode(ref.data_ptr(), x.data_ptr(), _ptr(copy_out), _ptr(residual), work.data_ptr(),
+                    wire.data_ptr(), wire.data_ptr() + codes, n, block, codec.QMAX[compress],
                     int(compress == "int4"))
     return wire
 
 
-def _decode_mean(lib: ctypes.CDLL, ref: torch.Tensor, wires: torch.Tensor, world: int, out: torch.Tensor,
-                 compress: str, block: int) -> torch.Tensor:
+def _land(lib: ctypes.CDLL, ref: torch.Tensor, wires: torch.Tensor, world: int, work: torch.Tensor,
+          compress: str, block: int, *, out: torch.Tensor | None = None, out_from: int = 0,
+          update_ref: bool = False, live: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> None:
     weight = 1.0 / world
-    lib.lsgd_decode_mean(ref.data_ptr(), wires.data_ptr(), wires.numel() // world, world, out.data_ptr(),
-                         ref.numel(), block, int(compress == "int4"), weight, int(weight != 1.0))
-    return out
+    n_live = 0 if live is None else live.numel()
+    lib.lsgd_land(ref.data_ptr(), wires.data_ptr(), wires.numel() // world, world, work.data_ptr(), _ptr(out),
+                  out_from, int(update_ref), _ptr(live), _ptr(sent), n_live, ref.numel(), block,
+                  int(compress == "int4"), weight, int(weight != 1.0))
 
 
-def encode(ref: torch.Tensor, send: torch.Tensor, residual: torch.Tensor | None, work: torch.Tensor,
-           compress: str, block: int, tail: torch.Tensor | None = None) -> torch.Tensor:
+def work_numel(n: int, block: int) -> int:
+    """Floats of scratch :func:`encode` and :func:`land` need: one block's values."""
+    return max(1, min(block, n))
+
+
+def encode(ref: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, work: torch.Tensor,
+           compress: str, block: int, tail: torch.Tensor | None = None, *, copy_out: torch.Tensor | None = None,
+           wire: torch.Tensor | None = None) -> torch.Tensor:
     """The wire buffer (codes, scales, then ``tail``'s bytes: :func:`.compress.pack_code`'s layout) of
-    Δ = ref − send (+ residual), and the new residual in place. ``work``: a float32 buffer of the same length.
+    Δ = ref − x (+ residual), and the new residual in place. ``work``: float32 scratch of at least
+    :func:`work_numel` values; ``copy_out`` (optional) receives ``x`` in the same pass; ``wire`` (optional,
+    :func:`wire_bytes` long) is written instead of a fresh buffer. Needs :func:`usable`."""
+    lib = library()
+    n = ref.numel()
+    assert lib is not None and x.numel() == n and work.numel() >= work_numel(n, block)
+    assert residual is None or residual.numel() == n
+    assert copy_out is None or (copy_out.numel() == n and usable(copy_out))
+    assert wire is None or (wire.dtype == torch.uint8 and wire.is_contiguous()
+                            and wire.numel() == wire_bytes(n, compress, block, 0 if tail is None else tail.numel()))
+    return _encode(lib, ref, x, residual, work, compress, block, tail, copy_out, wire)
+
+
+def land(ref: torch.Tensor, wires: torch.Tensor, world: int, work: torch.Tensor, compress: str, block: int, *,
+         out: torch.Tensor | None = None, out_from: int = 0, update_ref: bool = False,
+         live: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> None:
+    """One pass from the gathered codes: a = ref − (1/world) Σ_r decode(code_r) (``wires``: ``world`` wire
+    buffers back to back, summed in rank order), written to ``out[out_from:]``, to ``ref`` (``update_ref``)
+    and to ``live`` (its first ``live.numel()`` values): a itself, or with ``sent`` live + (a − sent).
+    The same bits as :func:`.compress.decode_mean` followed by those copies and that merge in torch.
     Needs :func:`usable`."""
     lib = library()
-    assert lib is not None and ref.numel() == send.numel() == work.numel()
-    assert residual is None or residual.numel() == ref.numel()
-    return _encode(lib, ref, send, residual, work, compress, block, tail)
+    n = ref.numel()
+    assert lib is not None and wires.dtype == torch.uint8 and wires.is_contiguous()
+    assert work.numel() >= work_numel(n, block) and (out is None or out.numel() == n)
+    assert live is None or live.numel() <= n
+    assert sent is None or (live is not None and sent.numel() >= live.numel())
+    for t in (out, live, sent):
+        assert t is None or usable(t)
+    _land(lib, ref, wires, world, work, compress, block, out=out, out_from=out_from, update_ref=update_ref,
+          live=live, sent=sent)
 
 
 def decode_mean(ref: torch.Tensor, wires: torch.Tensor, world: int, out: torch.Tensor, compress: str,
-                block: int) -> torch.Tensor:
+                block: int, work: torch.Tensor | None = None) -> torch.Tensor:
     """``out = ref − (1/world) Σ_r decode(code_r)``, the codes in rank order in ``wires`` (``world`` wire
     buffers back to back). Needs :func:`usable`."""
-    lib = library()
-    assert lib is not None and out.numel() == ref.numel() and wires.dtype == torch.uint8 and wires.is_contiguous()
-    return _decode_mean(lib, ref, wires, world, out, compress, block)
+    work = torch.empty(work_numel(ref.numel(), block)) if work is None else work
+    land(ref, wires, world, work, compress, block, out=out)
+    return out
 
 
 def _probe(lib: ctypes.CDLL) -> str:
     """'' if ``lib`` reproduces the torch path on a probe (both codes, odd sizes, a short last block, a zero
-    block, with and without error feedback, 1 to 3 ranks); else what differed."""
+    block, odd block widths, with and without error feedback, 1 to 3 ranks, the landing's copies and
+    merge); else what differed."""
     g = torch.Generator().manual_seed(20261206)
     for compress in codec.QMAX:
         for n, block in ((1001, 256), (515, 7)):
             ref = torch.randn(n, generator=g)
+            work = torch.empty(work_numel(n, block))
             wires = []
             for r in range(3):
                 send = ref - torch.randn(n, generator=g) * 10.0 ** -r
@@ -246,13 +296,22 @@ def _probe(lib: ctypes.CDLL) -> str:
                 residual = torch.randn(n, generator=g) * 1e-3 if r != 1 else None
                 mine = None if residual is None else residual.clone()
                 want = codec.encode_delta(ref, send, residual, compress, block)
-                got = _encode(lib, ref, send, mine, torch.empty(n), compress, block)
-                if not torch.equal(want, got) or (residual is not None and not torch.equal(residual, mine)):
+                copy = torch.empty(n)
+                got = _encode(lib, ref, send, mine, work, compress, block, copy_out=copy)
+                if (not torch.equal(want, got) or not torch.equal(copy, send)
+                        or (residual is not None and not torch.equal(residual, mine))):
                     return f"encode {compress}, {n} values, block {block}"
                 wires.append(want)
             for world in (1, 2, 3):
                 both = torch.cat(wires[:world])
                 want = codec.decode_mean(ref, both, world, compress, block)
-                if not torch.equal(want, _decode_mean(lib, ref, both, world, torch.empty(n), compress, block)):
-                    return f"decode {compress}, {n} values, block {block}, {world} ranks"
+                live, sent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+                merged = live.clone()
+                merged[: n - 5].add_(torch.sub(want[: n - 5], sent[: n - 5]))  # the torch path's merge
+                got_ref, got_live, out = ref.clone(), live.clone(), torch.full((n,), 7.0)
+                _land(lib, got_ref, both, world, work, compress, block, out=out, out_from=n - 9, update_ref=True,
+                      live=got_live[: n - 5], sent=sent)
+                if (not torch.equal(got_ref, want) or not torch.equal(got_live, merged)
+                        or not torch.equal(out[n - 9 :], want[n - 9 :]) or bool((out[: n - 9] != 7.0).any())):
+                    return f"land {compress}, {n} values, block {block}, {world} ranks"
     return ""

@@ -23,7 +23,9 @@ at most one fragment is ever in flight and it lands before the next one leaves (
 What each sync sends: a copy of the fragment taken at step t (training goes on in the parameters
 while the copy travels), or with compression its pseudo-gradient x_ref − x_k (:mod:`.compress`;
 block codes of CPU float32 fragments are made and decoded in one fused pass by :mod:`.native_codec`,
-the same bits as the torch path).
+the same bits as the torch path: its encode reads the live parameters and takes the copy a delayed merge
+needs in the same pass, and without an outer step one landing pass decodes the codes, updates x_ref and
+merges into the live parameters; the wire and gather buffers are kept between syncs).
 Floating buffers (BatchNorm statistics) ride with the last fragment and are averaged, never
 outer-stepped. Every guarantee of the blocking sync holds per fragment:
 
@@ -102,16 +104,29 @@ class Fragment:
     syncs: int = 0  # completed syncs of this fragment
     applied_at: int = 0  # local step of the last apply (0: never)
     mixed: bool = False  # the last apply kept part of the local copy (α > 0): replicas differ
+    # kept between syncs (a fragment's next sync leaves only after its last one landed): this rank's wire
+    # buffer (native codec) and the all-gather's output, so a sync faults in no fresh pages
+    wire: torch.Tensor | None = None
+    gathered: torch.Tensor | None = None
+
+    @property
+    def live_params(self) -> torch.Tensor | None:
+        """The fragment's parameters as one contiguous view into the model (its first piece), or None."""
+        if not self.pieces or self.pieces[0][1] != 0 or not self.pieces[0][0].is_contiguous():
+            return None
+        return self.pieces[0][0]
 
     def gather(self) -> None:
         for view, offset in self.pieces:
             self.send[offset : offset + view.numel()].copy_(view)
 
-    def write(self, values: torch.Tensor, mix: float, sent: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def write(self, values: torch.Tensor, mix: float, sent: tuple[torch.Tensor, torch.Tensor] | None = None,
+              first_piece: int = 0) -> None:
         """Live ← mix·live + (1 − mix)·values (mix = 0: an exact copy); with ``sent`` = (the copy this rank
         sent, a work buffer of the fragment's length), live ← values + (live − sent): the average plus the
-        progress made since, the difference held in the work buffer rather than a fresh temporary."""
-        for view, offset in self.pieces:
+        progress made since, the difference held in the work buffer rather than a fresh temporary.
+        ``first_piece``: the pieces before it were written already (the native landing)."""
+        for view, offset in self.pieces[first_piece:]:
             end = offset + view.numel()
             new = values[offset:end]
             if sent is not None:  # the difference first: exactly 0 where nothing changed
@@ -316,19 +331,26 @@ class StreamingSync:
         if engine.pre_average is not None:
             engine.pre_average(group)
         with torch.no_grad():
-            frag.gather()
+            # the native encode reads a one-piece fragment straight from the model and takes the copy in the
+            # same pass; otherwise the copy is gathered first and encoded from there
+            source = self._native_source(frag)
+            if source is None:
+                frag.gather()
             bad_step = engine._local_nonfinite_step(scan_replica=False)
-            if bad_step < 0 and not all_finite(frag.send):
+            if bad_step < 0 and not all_finite(frag.send if source is None else source):
                 bad_step = t
+            if bad_step >= 0 and source is not None:
+                frag.gather()  # zeros travel; the copy is still what this rank held
             # A block code cannot overflow, so its check is known first and rides at the end of each rank's
             # code in the one all-gather (every rank gets every rank's words and takes their maximum): one
             # collective per fragment sync instead of two. Casts and plain floats are summed: theirs travels apart.
             rides = self.compress in codec.QMAX and world > 1
             if rides:
                 check = self._check(frag, t, world, me, bad_step)
-                payload, averaged, _ = self._encode(frag, world, bad_step >= 0, group, tail=check.view(torch.uint8))
+                payload, averaged, _ = self._encode(frag, world, bad_step >= 0, group, tail=check.view(torch.uint8),
+                                                    source=source)
             else:
-                payload, averaged, overflow = self._encode(frag, world, bad=bad_step >= 0, group=group)
+                payload, averaged, overflow = self._encode(frag, world, bad=bad_step >= 0, group=group, source=source)
                 check = self._check(frag, t, world, me, t if overflow else bad_step)
             engine._round_loss = [0.0, 0]
             pending = InFlight(p, t, t + self.delay, payload, check, world, averaged,
@@ -341,7 +363,9 @@ class StreamingSync:
                 if not rides:
                     pending.handles.append(dist.all_reduce_max_async(check, group=group))
                 if self.compress in codec.QMAX:
-                    gathered = torch.empty(world * payload.numel(), dtype=payload.dtype, device=payload.device)
+                    gathered, size = frag.gathered, world * payload.numel()
+                    if gathered is None or gathered.numel() != size or gathered.device != payload.device:
+                        gathered = frag.gathered = torch.empty(size, dtype=payload.dtype, device=payload.device)
                     pending.handles.append(dist.all_gather_into_tensor_async(gathered, payload, group=group))
                     pending.payload = gathered
                 else:
@@ -360,28 +384,36 @@ class StreamingSync:
                                   [int(b) for b in engine.layout.int_buffers] if last else [])
         return torch.tensor(words, dtype=torch.int64, device=frag.send.device)
 
-    def _encode(self, frag: Fragment, world: int, bad: bool, group: Any,
-                tail: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
+    def _encode(self, frag: Fragment, world: int, bad: bool, group: Any, tail: torch.Tensor | None = None,
+                source: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
         """The payload this rank sends, whether the collective averages (else it sums), and whether a cast
         overflowed its format (fp16 beyond 65504: the payload is then zeros, as for a non-finite replica).
-        ``tail`` (bytes, block codes only) is appended to the code: the check words that ride with it."""
+        ``tail`` (bytes, block codes only) is appended to the code: the check words that ride with it.
+        ``source`` (from :meth:`_native_source`): the live values the native encode reads, writing
+        ``frag.send`` in the same pass (else ``frag.send`` holds the gathered copy)."""
         averaged = world > 1 and dist.average_in_collective(group)
         if self.compress == "none":
             if bad:
                 frag.send.zero_()  # a non-finite replica sends zeros: NaN/Inf never enter the sum
             return frag.send, averaged, False
         assert frag.ref is not None
-        delta = self._scratch("delta", frag)  # kept buffers: no fresh pages per sync
+        delta = self._scratch("delta", frag)  # kept buffers: no fresh pages per sync (the native path uses none)
         if self.compress in codec.QMAX:
-            grid = self._scratch("grid", frag)
             if bad:  # zeros: nothing of a non-finite replica enters the others' sums
+                grid = self._scratch("grid", frag)
                 code = codec.encode_blocks(delta.zero_(), self.compress, self.block, scratch=grid)
                 return codec.pack_code(code, tail), False, False
             if self._native(frag):  # one fused pass from x_ref, x and e: the same bits as the torch path
-                wire = native_codec.encode(frag.ref, frag.send, frag.residual, grid, self.compress, self.block, tail)
+                length = native_codec.wire_bytes(frag.numel, self.compress, self.block,
+                                                 0 if tail is None else tail.numel())
+                if frag.wire is None or frag.wire.numel() != length:
+                    frag.wire = torch.empty(length, dtype=torch.uint8)
+                wire = native_codec.encode(frag.ref, frag.send if source is None else source, frag.residual,
+                                           self._block_work(frag), self.compress, self.block, tail,
+                                           copy_out=None if source is None else frag.send, wire=frag.wire)
             else:
                 wire = codec.encode_delta(frag.ref, frag.send, frag.residual, self.compress, self.block, delta=delta,
-                                          grid=grid, tail=tail)
+                                          grid=self._scratch("grid", frag), tail=tail)
             return wire, False, False
         if bad:
             delta.zero_()
@@ -399,6 +431,22 @@ class StreamingSync:
     def _native(self, frag: Fragment) -> bool:
         """Whether this fragment's block code runs in :mod:`.native_codec` (CPU float32 buffers, library built)."""
         return native_codec.usable(frag.send, frag.ref) and (frag.residual is None or frag.residual.is_contiguous())
+
+    def _native_source(self, frag: Fragment) -> torch.Tensor | None:
+        """The live view the native encode reads instead of a gathered copy: a block-coded fragment that is one
+        contiguous float32 piece of the model (every fragment but a last one that carries float buffers)."""
+        if self.compress not in codec.QMAX or len(frag.pieces) != 1 or not self._native(frag):
+            return None
+        live = frag.live_params
+        return live if live is not None and live.numel() == frag.numel and native_codec.usable(live) else None
+
+    def _block_work(self, frag: Fragment) -> torch.Tensor:
+        """The native codec's scratch: one block of float32 values (it keeps no fragment-sized intermediate)."""
+        buf = self._work.get("block")
+        need = native_codec.work_numel(max(f.numel for f in self.fragments), self.block)
+        if buf is None or buf.numel() < need:
+            buf = self._work["block"] = torch.empty(need)
+        return buf
 
     def _scratch(self, name: str, frag: Fragment, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A work buffer of the fragment's length, kept between syncs (one per name and dtype, sized for the
@@ -437,32 +485,62 @@ class StreamingSync:
         if verdict.bad:
             raise NonFiniteError(verdict.bad, pending.launched, where=f"fragment {frag.index} of {self.F}")
         with torch.no_grad():
-            average = self._decode(frag, pending)
-            if frag.outer is not None:
-                params, ref = average[: frag.param_numel], frag.ref
-                lr = pending.inner_lr if pending.inner_lr is not None else engine._current_lr() or 1.0
-                frag.outer.step([] if ref is None else [ref[: frag.param_numel]], [params], inner_lr=lr)
-            if frag.ref is not None:
-                frag.ref.copy_(average)
             mix = self.mix if pending.world > 1 else 0.0
-            if pending.world > 1 or frag.outer is not None:  # alone and without an outer step: nothing to apply
-                # Landing at its own launch step (finalize), a fragment met no progress: copy the average, since
-                # live + (x̄ − sent) with live = sent is x̄ only up to a rounding that differs between ranks.
-                progress = pending.sent is not None and t > pending.launched
-                sent = (pending.sent, self._scratch("delta", frag, frag.send.dtype)) if progress else None
-                frag.write(average, mix, sent)
+            # Landing at its own launch step (finalize), a fragment met no progress: copy the average, since
+            # live + (x̄ − sent) with live = sent is x̄ only up to a rounding that differs between ranks.
+            progress = pending.sent is not None and t > pending.launched
+            if not self._land_native(frag, pending, mix, progress):
+                self._land(frag, pending, mix, progress)
             if pending.fragment == self.F - 1:
                 for b, value in zip(engine.layout.int_buffers, verdict.int_buffers):
                     b.fill_(value)  # integer buffers (num_batches_tracked) kept consistent: take the max
         frag.syncs += 1
         # an average applied at its own launch step (finalize's flush) met no progress: replicas are identical
-        frag.applied_at, frag.mixed = t, mix > 0 or (pending.sent is not None and t > pending.launched)
+        frag.applied_at, frag.mixed = t, mix > 0 or progress
         engine.stats.fragment_syncs += 1
         if pending.fragment == self.F - 1 and not self._finalizing:
             self._round_ended(pending.launched)
         if all(f.applied_at == t and not f.mixed for f in self.fragments):
             self.in_sync_at = t
         engine.stats.seconds += time.perf_counter() - start
+
+    def _land_native(self, frag: Fragment, pending: InFlight, mix: float, progress: bool) -> bool:
+        """Decode, update x_ref and write the live parameters in one native pass (a block code without an
+        outer step, merged by copy or by progress); False where that does not apply. The same bits as
+        :meth:`_land`. Pieces after the first (float buffers riding with the last fragment) are written
+        from the average as there."""
+        if self.compress not in codec.QMAX or frag.outer is not None or mix != 0.0 or not self._native(frag):
+            return False
+        live = frag.live_params
+        writes = pending.world > 1  # alone and without an outer step: nothing to apply
+        if writes and (live is None or not native_codec.usable(live)):
+            return False
+        assert frag.ref is not None
+        n_live = live.numel() if writes and live is not None else 0
+        rest = writes and n_live < frag.numel
+        out = self._scratch("mean", frag) if rest else None
+        sent = pending.sent if progress and writes else None
+        native_codec.land(frag.ref, pending.payload, pending.world, self._block_work(frag), self.compress,
+                          self.block, out=out, out_from=n_live, update_ref=True,
+                          live=live if n_live else None, sent=sent)
+        if rest:
+            assert out is not None
+            frag.write(out, 0.0, (sent, self._scratch("delta", frag)) if sent is not None else None, first_piece=1)
+        return True
+
+    def _land(self, frag: Fragment, pending: InFlight, mix: float, progress: bool) -> None:
+        """The average, the outer step, x_ref and the merge into the live parameters, in torch."""
+        engine = self.engine
+        average = self._decode(frag, pending)
+        if frag.outer is not None:
+            params, ref = average[: frag.param_numel], frag.ref
+            lr = pending.inner_lr if pending.inner_lr is not None else engine._current_lr() or 1.0
+            frag.outer.step([] if ref is None else [ref[: frag.param_numel]], [params], inner_lr=lr)
+        if frag.ref is not None:
+            frag.ref.copy_(average)
+        if pending.world > 1 or frag.outer is not None:  # alone and without an outer step: nothing to apply
+            sent = (pending.sent, self._scratch("delta", frag, frag.send.dtype)) if progress else None
+            frag.write(average, mix, sent)
 
     def _decode(self, frag: Fragment, pending: InFlight) -> torch.Tensor:
         """The fragment's average x̄ (before the outer step), in the buffer's dtype."""
@@ -475,7 +553,8 @@ class StreamingSync:
         if self.compress in codec.QMAX:
             mean = self._scratch("mean", frag)
             if self._native(frag):  # x_ref − mean in one pass: the torch path's bits
-                return native_codec.decode_mean(frag.ref, payload, world, mean, self.compress, self.block)
+                return native_codec.decode_mean(frag.ref, payload, world, mean, self.compress, self.block,
+                                                work=self._block_work(frag))
             mean = codec.decode_mean(frag.ref, payload, world, self.compress, self.block, out=mean,
                                      grid=self._scratch("grid", frag))
         else:
