@@ -23,7 +23,7 @@ per-rank batch draws and number of steps, at H = 16 local steps per round:
   et al. 2014, Karimireddy et al. 2019, arXiv 1901.09847) and both; and the DiLoCo variants (Nesterov
   outer step, lr 0.7, momentum 0.9; Douillard et al. 2023, arXiv 2311.08105). The streaming ones use
   F = 4, tau = 3 (a fragment's code then has 3 steps to cross a 100 Mbit/s link) except
-  ``ours_streaming_compressed_f1``, the setting for a fast link: the whole model as one fragment,
+  ``ours_streaming_compressed_f1`` and ``..._int4_f1``, the setting for a fast link: the whole model as one fragment,
   applied tau = 2 steps after it leaves (at 1 Gbit/s its code lands within a step, and one sync a
   round pays the fixed costs of a collective and its coding once instead of F times). The block codes run in
   the native codec (``localsgd.engine.native_codec``) where it builds; the ``*_torchcodec`` contenders
@@ -102,6 +102,7 @@ CONTENDERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ours_streaming_compressed": ("ours", {**STREAMING, "compress": "int8"}),
     "ours_streaming_compressed_int4": ("ours", {**STREAMING, "compress": "int4"}),
     "ours_streaming_compressed_f1": ("ours", {**STREAMING_ONE, "compress": "int8"}),
+    "ours_streaming_compressed_int4_f1": ("ours", {**STREAMING_ONE, "compress": "int4"}),
     "ours_diloco": ("ours", {"outer": True}),
     "ours_streaming_compressed_diloco": ("ours", {**STREAMING, "compress": "int8", "outer": True}),
     # the same two runs with the block codes on the torch path instead of the native codec (the same bits):
