@@ -87,7 +87,7 @@ def test_the_native_landing_is_the_torch_paths_decode_copies_and_merge(compress:
     wires = torch.cat([codec.encode_delta(ref, s, r, compress, block) for s, r in zip(sends, residuals)])
     g = torch.Generator().manual_seed(seed + 10)
     work = torch.empty(native_codec.work_numel(n, block))
-    cases = ((1, 0, "copy"), (2, n, "progress"), (3, n // 2, "progress"), (2, max(n - 3, 1), "copy"))
+    cases = ((1, 0, "copy"), (2, n, "progress"), (3, (n + 1) // 2, "progress"), (2, max(n - 3, 1), "copy"))
     for world, n_live, merge in cases:
         both = wires[: world * (wires.numel() // 3)]
         mean = codec.decode_mean(ref, both, world, compress, block)
@@ -161,10 +161,25 @@ def test_the_probe_refuses_a_library_that_computes_something_else() -> None:
     fake = SimpleNamespace(lsgd_encode=encode_zeros, lsgd_land=land_nothing)
     assert native_codec._probe(fake).startswith("encode int8")
 
+
+@needs_native
+def test_the_probe_refuses_a_landing_that_writes_too_little_or_too_much() -> None:
     real = native_codec.library()
-    if real is not None:  # a right encode and a landing that leaves the live parameters alone: refused too
-        assert native_codec._probe(SimpleNamespace(lsgd_encode=real.lsgd_encode, lsgd_land=land_nothing)) \
-            == "land int8, 1001 values, block 256, 1 ranks"
+    assert real is not None
+
+    def land_nothing(*args):
+        return None
+
+    def land_always_into_ref(ref, wires, wire_len, world, work, out, out_from, update_ref, *rest):
+        return real.lsgd_land(ref, wires, wire_len, world, work, out, out_from, 1, *rest)  # ignores update_ref
+
+    def land_never_into_live(ref, wires, wire_len, world, work, out, out_from, update_ref, live, sent, n_live, *rest):
+        return real.lsgd_land(ref, wires, wire_len, world, work, out, out_from, update_ref, None, None, 0, *rest)
+
+    for land, what in ((land_nothing, "decode int8, 1001 values, block 256, 1 ranks"),
+                       (land_always_into_ref, "decode int8, 1001 values, block 256, 1 ranks"),
+                       (land_never_into_live, "land int8, 1001 values, block 256, 1 ranks")):
+        assert native_codec._probe(SimpleNamespace(lsgd_encode=real.lsgd_encode, lsgd_land=land)) == what
 
 
 # ------------------------------------------------------------------------------- end to end, 2 ranks
@@ -188,6 +203,18 @@ def _bn_streaming_run(rank: int, world: int, native_ranks: tuple[int, ...], comp
 
     os.environ[native_codec.ENV] = "1" if rank in native_ranks else "0"
     native_codec.reset()
+    taken = {"encode_from_live": 0, "encode_from_copy": 0, "land": 0}
+    encode, land = native_codec.encode, native_codec.land
+
+    def counting_encode(*args, **kw):
+        taken["encode_from_live" if kw.get("copy_out") is not None else "encode_from_copy"] += 1
+        return encode(*args, **kw)
+
+    def counting_land(*args, **kw):
+        taken["land"] += 1
+        return land(*args, **kw)
+
+    native_codec.encode, native_codec.land = counting_encode, counting_land  # this rank's process only
     model = _bn_model().float()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sync = localsgd.LocalSGD(model, opt, schedule=Fixed(4), fragments=2, delay=1, merge="progress", compress=compress)
@@ -202,7 +229,7 @@ def _bn_streaming_run(rank: int, world: int, native_ranks: tuple[int, ...], comp
     replica = [t.detach().reshape(-1).tolist() for t in model.state_dict().values()]
     sync.finalize()
     return {"replica": replica, "final": [t.detach().reshape(-1).tolist() for t in model.state_dict().values()],
-            "path": sync.streaming.codec_path}
+            "path": sync.streaming.codec_path, "taken": taken}
 
 
 @needs_native
@@ -213,6 +240,12 @@ def test_a_model_with_float_buffers_streams_to_the_same_bits_on_either_path(comp
     torch_path = run_ok(_bn_streaming_run, 2, (), compress, timeout_s=90)
     assert [r["path"] for r in native] == ["native"] * 2
     assert [r["path"] for r in torch_path] == ["LOCALSGD_NATIVE_CODEC=0"] * 2
+    # fragment 0 (parameters only) is encoded from the live parameters, fragment 1 (with the BatchNorm
+    # statistics) from its gathered copy; every landing (and finalize's) is the native pass
+    for r in native:
+        assert r["taken"]["encode_from_live"] >= 3 and r["taken"]["encode_from_copy"] >= 3
+        assert r["taken"]["land"] == r["taken"]["encode_from_live"] + r["taken"]["encode_from_copy"]
+    assert all(sum(r["taken"].values()) == 0 for r in torch_path)
     for a, b in zip(native, torch_path):  # each rank's replica mid-round (a merge landed at step 13) and at the end
         assert a["replica"] == b["replica"] and a["final"] == b["final"]
     assert native[0]["final"] == native[1]["final"] and native[0]["replica"] != native[1]["replica"]

@@ -478,17 +478,21 @@ def test_stats_bytes_equal_the_wire_format_exactly_and_replicas_agree_after_each
 def _resume_mid_flight(rank: int, world: int, extra: dict) -> bool:
     """Checkpoint the engine while a fragment is in flight (H=4, F=2, τ=1: fragment 0 leaves at 6, lands
     at 7), continue; a fresh engine loaded from that checkpoint must end bit-identical."""
+    extra = dict(extra)
+    dtype = torch.float32 if extra.pop("float32", False) else torch.float64  # float32: the native codec's buffers
+    outer = extra.pop("outer", True)
     kw = {"fragments": 2, "delay": 1, "compress": "int8", **extra}
 
     def build():
-        model = _bn_model()
+        model = _bn_model().to(dtype)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        return model, opt, localsgd.LocalSGD(model, opt, schedule=Fixed(4), outer=NesterovOuter(0.7, 0.9), **kw)
+        return model, opt, localsgd.LocalSGD(model, opt, schedule=Fixed(4),
+                                             outer=NesterovOuter(0.7, 0.9) if outer else None, **kw)
 
     def train(model, opt, sync, steps):
         for step in steps:
             gen = torch.Generator().manual_seed(1000 * rank + step)
-            x = torch.randn(8, 5, generator=gen, dtype=torch.float64)
+            x = torch.randn(8, 5, generator=gen, dtype=dtype)
             loss = nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,), generator=gen))
             opt.zero_grad()
             loss.backward()
@@ -513,13 +517,16 @@ def _resume_mid_flight(rank: int, world: int, extra: dict) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"merge": "progress"}, {"merge": "progress", "compress": "none"}])
+@pytest.mark.parametrize("extra", [{}, {"merge": "progress"}, {"merge": "progress", "compress": "none"},
+                                   {"merge": "progress", "float32": True, "outer": False}])
 def test_a_checkpoint_with_a_fragment_in_flight_resumes_bit_for_bit(extra: dict) -> None:
-    # merge=progress: the copy each rank sent rides in the checkpoint (its progress is added to the average)
+    # merge=progress: the copy each rank sent rides in the checkpoint (its progress is added to the average);
+    # float32 without an outer step: the native encode from the live parameters and the native landing
     assert all(run_ok(_resume_mid_flight, 2, extra, timeout_s=60))
 
 
-@pytest.mark.parametrize("kw", [{"mix": 0.5}, {"merge": "progress"}, {"compress": "int8"}, {"compress": "fp16"}])
+@pytest.mark.parametrize("kw", [{"mix": 0.5}, {"merge": "progress"}, {"compress": "int8"}, {"compress": "fp16"},
+                                {"compress": "int4", "merge": "progress"}])
 def test_world_one_streaming_trains_exactly_like_no_sync(kw: dict) -> None:
     def run(sync_kw: dict | None) -> list[torch.Tensor]:
         torch.manual_seed(0)

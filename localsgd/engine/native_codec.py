@@ -243,8 +243,8 @@ def encode(ref: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, wo
     :func:`wire_bytes` long) is written instead of a fresh buffer. Needs :func:`usable`."""
     lib = library()
     n = ref.numel()
-    assert lib is not None and x.numel() == n and work.numel() >= work_numel(n, block)
-    assert residual is None or residual.numel() == n
+    assert lib is not None and x.numel() == n and work.numel() >= work_numel(n, block) and usable(ref, x, work)
+    assert residual is None or (residual.numel() == n and usable(residual))
     assert copy_out is None or (copy_out.numel() == n and usable(copy_out))
     assert wire is None or (wire.dtype == torch.uint8 and wire.is_contiguous()
                             and wire.numel() == wire_bytes(n, compress, block, 0 if tail is None else tail.numel()))
@@ -261,7 +261,9 @@ def land(ref: torch.Tensor, wires: torch.Tensor, world: int, work: torch.Tensor,
     Needs :func:`usable`."""
     lib = library()
     n = ref.numel()
-    assert lib is not None and wires.dtype == torch.uint8 and wires.is_contiguous()
+    assert lib is not None and wires.dtype == torch.uint8 and wires.is_contiguous() and usable(ref, work)
+    # every rank's code and scales must be there: C reads them at a stride of wires.numel() // world
+    assert wires.numel() % world == 0 and wires.numel() // world >= wire_bytes(n, compress, block)
     assert work.numel() >= work_numel(n, block) and (out is None or out.numel() == n)
     assert live is None or live.numel() <= n
     assert sent is None or (live is not None and sent.numel() >= live.numel())
@@ -292,19 +294,23 @@ def _probe(lib: ctypes.CDLL) -> str:
             wires = []
             for r in range(3):
                 send = ref - torch.randn(n, generator=g) * 10.0 ** -r
-                send[:block] = ref[:block]  # a block of zeros: scale 0
+                send[:block] = ref[:block]  # rank 1, without a residual: a block of zeros, scale 0
                 residual = torch.randn(n, generator=g) * 1e-3 if r != 1 else None
                 mine = None if residual is None else residual.clone()
                 want = codec.encode_delta(ref, send, residual, compress, block)
-                copy = torch.empty(n)
+                copy = torch.empty(n) if r != 2 else None
                 got = _encode(lib, ref, send, mine, work, compress, block, copy_out=copy)
-                if (not torch.equal(want, got) or not torch.equal(copy, send)
+                if (not torch.equal(want, got) or (copy is not None and not torch.equal(copy, send))
                         or (residual is not None and not torch.equal(residual, mine))):
                     return f"encode {compress}, {n} values, block {block}"
                 wires.append(want)
             for world in (1, 2, 3):
                 both = torch.cat(wires[:world])
                 want = codec.decode_mean(ref, both, world, compress, block)
+                kept, out = ref.clone(), torch.empty(n)  # the decode alone: x_ref untouched, every value out
+                _land(lib, kept, both, world, work, compress, block, out=out)
+                if not torch.equal(out, want) or not torch.equal(kept, ref):
+                    return f"decode {compress}, {n} values, block {block}, {world} ranks"
                 live, sent = torch.randn(n, generator=g), torch.randn(n, generator=g)
                 merged = live.clone()
                 merged[: n - 5].add_(torch.sub(want[: n - 5], sent[: n - 5]))  # the torch path's merge

@@ -334,6 +334,8 @@ class StreamingSync:
             # the native encode reads a one-piece fragment straight from the model and takes the copy in the
             # same pass; otherwise the copy is gathered first and encoded from there
             source = self._native_source(frag)
+            # world 1: the "average" is the copy sent, so the progress since is kept whatever the merge
+            keeps_copy = (self.merge == "progress" or world == 1) and self.delay > 0 and not self._finalizing
             if source is None:
                 frag.gather()
             bad_step = engine._local_nonfinite_step(scan_replica=False)
@@ -348,15 +350,15 @@ class StreamingSync:
             if rides:
                 check = self._check(frag, t, world, me, bad_step)
                 payload, averaged, _ = self._encode(frag, world, bad_step >= 0, group, tail=check.view(torch.uint8),
-                                                    source=source)
+                                                    source=source, keeps_copy=keeps_copy)
             else:
-                payload, averaged, overflow = self._encode(frag, world, bad=bad_step >= 0, group=group, source=source)
+                payload, averaged, overflow = self._encode(frag, world, bad=bad_step >= 0, group=group, source=source,
+                                                           keeps_copy=keeps_copy)
                 check = self._check(frag, t, world, me, t if overflow else bad_step)
             engine._round_loss = [0.0, 0]
             pending = InFlight(p, t, t + self.delay, payload, check, world, averaged,
                                inner_lr=engine._current_lr() or 1.0, check_rides=rides)
-            # world 1: the "average" is the copy sent, so the progress since is kept whatever the merge
-            if (self.merge == "progress" or world == 1) and self.delay > 0 and not self._finalizing:
+            if keeps_copy:
                 # the all-reduce of compress=none reduces the send buffer in place: keep the copy apart
                 pending.sent = frag.send.clone() if payload is frag.send else frag.send
             if world > 1:
@@ -385,12 +387,13 @@ class StreamingSync:
         return torch.tensor(words, dtype=torch.int64, device=frag.send.device)
 
     def _encode(self, frag: Fragment, world: int, bad: bool, group: Any, tail: torch.Tensor | None = None,
-                source: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, bool]:
+                source: torch.Tensor | None = None, keeps_copy: bool = True) -> tuple[torch.Tensor, bool, bool]:
         """The payload this rank sends, whether the collective averages (else it sums), and whether a cast
         overflowed its format (fp16 beyond 65504: the payload is then zeros, as for a non-finite replica).
         ``tail`` (bytes, block codes only) is appended to the code: the check words that ride with it.
         ``source`` (from :meth:`_native_source`): the live values the native encode reads, writing
-        ``frag.send`` in the same pass (else ``frag.send`` holds the gathered copy)."""
+        ``frag.send`` in the same pass where a delayed merge keeps it (``keeps_copy``; else ``frag.send``
+        holds the gathered copy)."""
         averaged = world > 1 and dist.average_in_collective(group)
         if self.compress == "none":
             if bad:
@@ -410,7 +413,8 @@ class StreamingSync:
                     frag.wire = torch.empty(length, dtype=torch.uint8)
                 wire = native_codec.encode(frag.ref, frag.send if source is None else source, frag.residual,
                                            self._block_work(frag), self.compress, self.block, tail,
-                                           copy_out=None if source is None else frag.send, wire=frag.wire)
+                                           copy_out=frag.send if source is not None and keeps_copy else None,
+                                           wire=frag.wire)
             else:
                 wire = codec.encode_delta(frag.ref, frag.send, frag.residual, self.compress, self.block, delta=delta,
                                           grid=self._scratch("grid", frag), tail=tail)
@@ -619,6 +623,9 @@ class StreamingSync:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._refresh()
+        if self.inflight is not None:  # replaced unawaited: its collective may still write the kept buffers
+            for frag in self.fragments:
+                frag.wire = frag.gathered = None
         saved = state["fragments"]
         if len(saved) != self.F:
             raise ValueError(f"checkpoint holds {len(saved)} fragments, this run has fragments={self.F}")
