@@ -194,11 +194,6 @@ def usable(*tensors: torch.Tensor) -> bool:
     return library() is not None
 
 
-def wire_bytes(n: int, compress: str, block: int, tail_bytes: int = 0) -> int:
-    """Length of one rank's wire buffer: the codes, the float32 scales, then ``tail_bytes``."""
-    return codec.code_bytes(n, compress, block) + 4 * codec.n_blocks(n, block) + tail_bytes
-
-
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -208,7 +203,7 @@ def _encode(lib: ctypes.CDLL, ref: torch.Tensor, x: torch.Tensor, residual: torc
             copy_out: torch.Tensor | None = None, wire: torch.Tensor | None = None) -> torch.Tensor:
     n = ref.numel()
     codes = codec.code_bytes(n, compress, block)
-    length = wire_bytes(n, compress, block)
+    length = codec.wire_bytes(n, compress, 4, block)  # the codes, then the float32 scales
     total = length + (0 if tail is None else tail.numel())
     wire = torch.empty(total, dtype=torch.uint8) if wire is None else wire
     if tail is not None:
@@ -240,14 +235,15 @@ def encode(ref: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, wo
     """The wire buffer (codes, scales, then ``tail``'s bytes: :func:`.compress.pack_code`'s layout) of
     Δ = ref − x (+ residual), and the new residual in place. ``work``: float32 scratch of at least
     :func:`work_numel` values; ``copy_out`` (optional) receives ``x`` in the same pass; ``wire`` (optional,
-    :func:`wire_bytes` long) is written instead of a fresh buffer. Needs :func:`usable`."""
+    ``compress.wire_bytes`` plus the tail long) is written instead of a fresh buffer. Needs :func:`usable`."""
     lib = library()
     n = ref.numel()
     assert lib is not None and x.numel() == n and work.numel() >= work_numel(n, block) and usable(ref, x, work)
     assert residual is None or (residual.numel() == n and usable(residual))
     assert copy_out is None or (copy_out.numel() == n and usable(copy_out))
+    tail_bytes = 0 if tail is None else tail.numel()
     assert wire is None or (wire.dtype == torch.uint8 and wire.is_contiguous()
-                            and wire.numel() == wire_bytes(n, compress, block, 0 if tail is None else tail.numel()))
+                            and wire.numel() == codec.wire_bytes(n, compress, 4, block) + tail_bytes)
     return _encode(lib, ref, x, residual, work, compress, block, tail, copy_out, wire)
 
 
@@ -263,7 +259,7 @@ def land(ref: torch.Tensor, wires: torch.Tensor, world: int, work: torch.Tensor,
     n = ref.numel()
     assert lib is not None and wires.dtype == torch.uint8 and wires.is_contiguous() and usable(ref, work)
     # every rank's code and scales must be there: C reads them at a stride of wires.numel() // world
-    assert wires.numel() % world == 0 and wires.numel() // world >= wire_bytes(n, compress, block)
+    assert wires.numel() % world == 0 and wires.numel() // world >= codec.wire_bytes(n, compress, 4, block)
     assert work.numel() >= work_numel(n, block) and (out is None or out.numel() == n)
     assert live is None or live.numel() <= n
     assert sent is None or (live is not None and sent.numel() >= live.numel())

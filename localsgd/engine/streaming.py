@@ -89,6 +89,13 @@ def sync_offsets(H: int, fragments: int) -> list[int]:  # noqa: N803 - H is the 
     return [((p + 1) * H // fragments) % H for p in range(fragments)]
 
 
+def _kept(buf: torch.Tensor | None, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``buf`` if it holds ``numel`` values of ``dtype`` on ``device``, else a fresh buffer that does."""
+    if buf is None or buf.numel() != numel or buf.dtype != dtype or buf.device != device:
+        return torch.empty(numel, dtype=dtype, device=device)
+    return buf
+
+
 @dataclass
 class Fragment:
     """One fragment: where it lives in the model, its staging buffer, and its own sync state."""
@@ -108,13 +115,10 @@ class Fragment:
     # buffer (native codec) and the all-gather's output, so a sync faults in no fresh pages
     wire: torch.Tensor | None = None
     gathered: torch.Tensor | None = None
-
-    @property
-    def live_params(self) -> torch.Tensor | None:
-        """The fragment's parameters as one contiguous view into the model (its first piece), or None."""
-        if not self.pieces or self.pieces[0][1] != 0 or not self.pieces[0][0].is_contiguous():
-            return None
-        return self.pieces[0][0]
+    # decided once per layout (see StreamingSync._build_fragments): the block code runs in the native codec,
+    # and ``live`` is the parameters' view into the model that its encode reads and its landing writes
+    native: bool = False
+    live: torch.Tensor | None = None
 
     def gather(self) -> None:
         for view, offset in self.pieces:
@@ -224,7 +228,7 @@ class StreamingSync:
         # Build (or load) the native codec now, not inside the first sync; "native" or why the torch path is used
         self.codec_path = ""
         if compress in codec.QMAX:
-            self.codec_path = "native" if self._native(self.fragments[0]) else (
+            self.codec_path = "native" if self.fragments[0].native else (
                 native_codec.why_not or "torch: the native codec takes contiguous CPU float32 buffers")
 
     def describe(self) -> str:
@@ -271,6 +275,10 @@ class StreamingSync:
                     frag.ref = frag.send.clone()
                 if self.error_feedback:
                     frag.residual = torch.zeros(numel, dtype=torch.float32, device=fb.flat.device)
+            frag.native = self.compress in codec.QMAX and native_codec.usable(
+                frag.send, *(t for t in (frag.ref, frag.residual) if t is not None))
+            if frag.native and pieces and native_codec.usable(pieces[0][0]):  # the parameters come first, at offset 0
+                frag.live = pieces[0][0]
             self.fragments.append(frag)
         self._layout_version = layout.version
 
@@ -331,9 +339,9 @@ class StreamingSync:
         if engine.pre_average is not None:
             engine.pre_average(group)
         with torch.no_grad():
-            # the native encode reads a one-piece fragment straight from the model and takes the copy in the
-            # same pass; otherwise the copy is gathered first and encoded from there
-            source = self._native_source(frag)
+            # the native encode reads a fragment of parameters only straight from the model and takes the copy in
+            # the same pass; otherwise the copy is gathered first and encoded from there
+            source = frag.live if len(frag.pieces) == 1 else None
             # world 1: the "average" is the copy sent, so the progress since is kept whatever the merge
             keeps_copy = (self.merge == "progress" or world == 1) and self.delay > 0 and not self._finalizing
             if source is None:
@@ -365,9 +373,8 @@ class StreamingSync:
                 if not rides:
                     pending.handles.append(dist.all_reduce_max_async(check, group=group))
                 if self.compress in codec.QMAX:
-                    gathered, size = frag.gathered, world * payload.numel()
-                    if gathered is None or gathered.numel() != size or gathered.device != payload.device:
-                        gathered = frag.gathered = torch.empty(size, dtype=payload.dtype, device=payload.device)
+                    gathered = frag.gathered = _kept(frag.gathered, world * payload.numel(), payload.dtype,
+                                                             payload.device)
                     pending.handles.append(dist.all_gather_into_tensor_async(gathered, payload, group=group))
                     pending.payload = gathered
                 else:
@@ -391,7 +398,7 @@ class StreamingSync:
         """The payload this rank sends, whether the collective averages (else it sums), and whether a cast
         overflowed its format (fp16 beyond 65504: the payload is then zeros, as for a non-finite replica).
         ``tail`` (bytes, block codes only) is appended to the code: the check words that ride with it.
-        ``source`` (from :meth:`_native_source`): the live values the native encode reads, writing
+        ``source`` (``frag.live`` or None): the live values the native encode reads, writing
         ``frag.send`` in the same pass where a delayed merge keeps it (``keeps_copy``; else ``frag.send``
         holds the gathered copy)."""
         averaged = world > 1 and dist.average_in_collective(group)
@@ -406,11 +413,10 @@ class StreamingSync:
                 grid = self._scratch("grid", frag)
                 code = codec.encode_blocks(delta.zero_(), self.compress, self.block, scratch=grid)
                 return codec.pack_code(code, tail), False, False
-            if self._native(frag):  # one fused pass from x_ref, x and e: the same bits as the torch path
-                length = native_codec.wire_bytes(frag.numel, self.compress, self.block,
-                                                 0 if tail is None else tail.numel())
-                if frag.wire is None or frag.wire.numel() != length:
-                    frag.wire = torch.empty(length, dtype=torch.uint8)
+            if frag.native:  # one fused pass from x_ref, x and e: the same bits as the torch path
+                tail_bytes = 0 if tail is None else tail.numel()
+                length = codec.wire_bytes(frag.numel, self.compress, 4, self.block) + tail_bytes
+                frag.wire = _kept(frag.wire, length, torch.uint8, frag.send.device)
                 wire = native_codec.encode(frag.ref, frag.send if source is None else source, frag.residual,
                                            self._block_work(frag), self.compress, self.block, tail,
                                            copy_out=frag.send if source is not None and keeps_copy else None,
@@ -431,18 +437,6 @@ class StreamingSync:
         if frag.residual is not None and not bad:
             frag.residual.copy_(delta).sub_(wire.to(torch.float32))
         return wire, averaged, False
-
-    def _native(self, frag: Fragment) -> bool:
-        """Whether this fragment's block code runs in :mod:`.native_codec` (CPU float32 buffers, library built)."""
-        return native_codec.usable(frag.send, frag.ref) and (frag.residual is None or frag.residual.is_contiguous())
-
-    def _native_source(self, frag: Fragment) -> torch.Tensor | None:
-        """The live view the native encode reads instead of a gathered copy: a block-coded fragment that is one
-        contiguous float32 piece of the model (every fragment but a last one that carries float buffers)."""
-        if self.compress not in codec.QMAX or len(frag.pieces) != 1 or not self._native(frag):
-            return None
-        live = frag.live_params
-        return live if live is not None and live.numel() == frag.numel and native_codec.usable(live) else None
 
     def _block_work(self, frag: Fragment) -> torch.Tensor:
         """The native codec's scratch: one block of float32 values (it keeps no fragment-sized intermediate)."""
@@ -513,11 +507,9 @@ class StreamingSync:
         outer step, merged by copy or by progress); False where that does not apply. The same bits as
         :meth:`_land`. Pieces after the first (float buffers riding with the last fragment) are written
         from the average as there."""
-        if self.compress not in codec.QMAX or frag.outer is not None or mix != 0.0 or not self._native(frag):
-            return False
-        live = frag.live_params
+        live = frag.live
         writes = pending.world > 1  # alone and without an outer step: nothing to apply
-        if writes and (live is None or not native_codec.usable(live)):
+        if not frag.native or frag.outer is not None or mix != 0.0 or (writes and live is None):
             return False
         assert frag.ref is not None
         n_live = live.numel() if writes and live is not None else 0
@@ -556,7 +548,7 @@ class StreamingSync:
         assert frag.ref is not None
         if self.compress in codec.QMAX:
             mean = self._scratch("mean", frag)
-            if self._native(frag):  # x_ref − mean in one pass: the torch path's bits
+            if frag.native:  # x_ref − mean in one pass: the torch path's bits
                 return native_codec.decode_mean(frag.ref, payload, world, mean, self.compress, self.block,
                                                 work=self._block_work(frag))
             mean = codec.decode_mean(frag.ref, payload, world, self.compress, self.block, out=mean,
